@@ -1,0 +1,114 @@
+"""``DeformableConvolution2D``: offset prediction plus deformable sampling."""
+
+import chainer
+from chainer import initializers
+from chainer import link
+import chainer.links
+
+from deformable import functions
+
+
+class DeformableConvolution2DSampler(link.Link):
+    """Holds ``W`` and ``b`` and applies the deformable sampler.
+
+    Args:
+        in_channels (int or None): Input channels; ``None`` defers
+            initialization of ``W`` to the first call.
+        out_channels (int): Output channels.
+        ksize, stride, pad (int or pair of ints): As in
+            :func:`~deformable.deformable_convolution_2d_sampler`.
+        nobias (bool): If ``True``, no bias.
+        initialW: Initializer of ``W``; ``None`` is Chainer's default
+            convolution initializer (LeCun normal).
+        initial_bias: Initializer of ``b``; ``None`` is zero.
+    """
+
+    def __init__(self, in_channels, out_channels, ksize, stride=1, pad=0,
+                 nobias=False, initialW=None, initial_bias=None):
+        super(DeformableConvolution2DSampler, self).__init__()
+        self.ksize = functions._pair(ksize)
+        self.stride = functions._pair(stride)
+        self.pad = functions._pair(pad)
+        self.out_channels = out_channels
+        with self.init_scope():
+            self.W = chainer.Parameter(initializers._get_initializer(initialW))
+            if in_channels is not None:
+                self._initialize_params(in_channels)
+            if nobias:
+                self.b = None
+            else:
+                if initial_bias is None:
+                    initial_bias = 0
+                self.b = chainer.Parameter(
+                    initializers._get_initializer(initial_bias),
+                    out_channels)
+
+    def _initialize_params(self, in_channels):
+        self.W.initialize((self.out_channels, in_channels) + self.ksize)
+
+    def forward(self, x, offset):
+        if self.W.array is None:
+            self._initialize_params(x.shape[1])
+        return functions.deformable_convolution_2d_sampler(
+            x, offset, self.W, self.b, self.stride, self.pad)
+
+
+class DeformableConvolution2D(link.Chain):
+    """Two-dimensional deformable convolution layer (Dai et al., 2017).
+
+    A plain convolution ``offset_conv`` predicts, for every output pixel,
+    ``2 * kh * kw`` offsets (layout in
+    :func:`~deformable.deformable_convolution_2d_sampler`), and
+    ``deform_conv`` convolves the input sampled at the offset positions.
+
+    **Initialization follows the paper**: ``offset_conv`` starts at zero
+    (weights and bias), so a fresh layer is exactly a plain convolution
+    and learns to deform from there; ``deform_conv.W`` uses Chainer's
+    default convolution initializer and ``deform_conv.b`` starts at zero.
+    ``chainer.links.DeformableConvolution2D`` does the reverse (main weights
+    zero, offset conv random), which with its defaults gives the offset conv
+    zero gradient on the first step. Parameter names are the same as
+    Chainer's link (``offset_conv/W``, ``offset_conv/b``, ``deform_conv/W``,
+    ``deform_conv/b``), so its ``.npz`` snapshots load into this one.
+
+    Args:
+        in_channels (int or None): Input channels; ``None`` defers
+            initialization to the first call.
+        out_channels (int): Output channels.
+        ksize (int or pair of ints): Kernel size.
+        stride (int or pair of ints): Stride of both convolutions.
+        pad (int or pair of ints): Padding of both convolutions.
+        offset_nobias (bool): No bias in ``offset_conv``.
+        offset_initialW: Initializer of ``offset_conv.W``; ``None`` is zero.
+        offset_initial_bias: Initializer of ``offset_conv.b``; ``None`` is
+            zero.
+        deform_nobias (bool): No bias in ``deform_conv``.
+        deform_initialW: Initializer of ``deform_conv.W``; ``None`` is
+            Chainer's default.
+        deform_initial_bias: Initializer of ``deform_conv.b``; ``None`` is
+            zero.
+    """
+
+    def __init__(self, in_channels, out_channels, ksize, stride=1, pad=0,
+                 offset_nobias=False, offset_initialW=None,
+                 offset_initial_bias=None, deform_nobias=False,
+                 deform_initialW=None, deform_initial_bias=None):
+        super(DeformableConvolution2D, self).__init__()
+        kh, kw = functions._pair(ksize)
+        if offset_initialW is None:
+            offset_initialW = initializers.Zero()
+        if offset_initial_bias is None:
+            offset_initial_bias = initializers.Zero()
+        with self.init_scope():
+            self.offset_conv = chainer.links.Convolution2D(
+                in_channels, 2 * kh * kw, ksize, stride, pad,
+                nobias=offset_nobias, initialW=offset_initialW,
+                initial_bias=offset_initial_bias)
+            self.deform_conv = DeformableConvolution2DSampler(
+                in_channels, out_channels, ksize, stride, pad,
+                nobias=deform_nobias, initialW=deform_initialW,
+                initial_bias=deform_initial_bias)
+
+    def forward(self, x):
+        """Applies the deformable convolution to ``x``."""
+        return self.deform_conv(x, self.offset_conv(x))

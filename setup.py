@@ -1,0 +1,22 @@
+from setuptools import find_packages
+from setuptools import setup
+
+setup(
+    name='deformable',
+    version='0.1.0',
+    description='Deformable convolution (Dai et al., 2017) for Chainer: '
+                'a FunctionNode with NumPy and CuPy paths, and its link',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['deformable', 'deformable.*']),
+    python_requires='>=3.8',
+    # The library itself needs only chainer and numpy; chainer 7.8.1 does
+    # not import with NumPy 2.
+    install_requires=['chainer>=7.8.1', 'numpy<2'],
+    extras_require={
+        'experiments': ['chainercv==0.13.1', 'matplotlib'],
+        'gpu': ['cupy-cuda12x<14'],
+        'test': ['pytest', 'nbclient', 'nbformat', 'ipykernel'],
+    },
+    license='MIT',
+)
