@@ -52,6 +52,9 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
             offset_type.ndim == 4,
             w_type.dtype == x_type.dtype,
             w_type.ndim == 4,
+        )
+        # Shapes only once the ranks are known to be right.
+        type_check.expect(
             x_type.shape[1] == w_type.shape[1],
             offset_type.shape[0] == x_type.shape[0],
             offset_type.shape[1] == 2 * w_type.shape[2] * w_type.shape[3],
@@ -61,8 +64,8 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
             type_check.expect(
                 b_type.dtype == x_type.dtype,
                 b_type.ndim == 1,
-                b_type.shape[0] == w_type.shape[0],
             )
+            type_check.expect(b_type.shape[0] == w_type.shape[0])
         if all(type_check.eval(t.shape) is not None
                for t in (x_type, w_type)):
             # Output size, as in F.convolution_2d (cover_all=False).

@@ -1,0 +1,117 @@
+import os
+import tempfile
+import unittest
+
+import numpy
+
+import chainer
+from chainer import backend
+import chainer.functions as F
+from chainer import initializers
+import chainer.links as L
+from chainer import testing
+
+import deformable
+
+
+BACKENDS = [{}, {'use_cuda': True}]
+
+
+def to_cpu(array):
+    return backend.CpuDevice().send(array)
+
+
+@testing.inject_backend_tests(None, BACKENDS)
+class TestDeformableConvolution2D(unittest.TestCase):
+
+    def setUp(self):
+        self.x = numpy.random.RandomState(0).uniform(
+            -1, 1, (2, 3, 7, 6)).astype(numpy.float32)
+
+    def test_fresh_link_is_plain_convolution(self, backend_config):
+        link = deformable.DeformableConvolution2D(3, 4, 3, 1, 1)
+        assert not link.offset_conv.W.array.any()
+        assert not link.offset_conv.b.array.any()
+        assert not link.deform_conv.b.array.any()
+        assert link.deform_conv.W.array.std() > 0
+        expected = F.convolution_2d(
+            self.x, link.deform_conv.W, link.deform_conv.b, 1, 1).array
+        link.to_device(backend_config.device)
+        y = link(backend_config.device.send(self.x))
+        numpy.testing.assert_allclose(to_cpu(y.array), expected,
+                                      rtol=1e-5, atol=1e-5)
+
+    def test_offset_conv_learns_from_the_first_step(self, backend_config):
+        link = deformable.DeformableConvolution2D(3, 4, 3, 1, 1)
+        link.to_device(backend_config.device)
+        link.cleargrads()
+        F.sum(link(backend_config.device.send(self.x)) ** 2).backward()
+        assert abs(to_cpu(link.offset_conv.W.grad)).max() > 1e-3
+        assert abs(to_cpu(link.deform_conv.W.grad)).max() > 1e-3
+
+    def test_deferred_initialization(self, backend_config):
+        link = deformable.DeformableConvolution2D(None, 5, (2, 3), 2, (1, 0))
+        assert link.deform_conv.W.array is None
+        link.to_device(backend_config.device)
+        y = link(backend_config.device.send(self.x))
+        assert y.shape == (2, 5, 4, 2)
+        assert link.deform_conv.W.shape == (5, 3, 2, 3)
+        assert link.offset_conv.W.shape == (12, 3, 2, 3)
+
+    def test_load_chainer_link_snapshot(self, backend_config):
+        # Chainer's link initializes the offset conv randomly, so the
+        # loaded layer really deforms.
+        theirs = L.DeformableConvolution2D(
+            3, 4, 3, 1, 1, deform_initialW=initializers.Normal(0.5),
+            offset_initialW=initializers.Normal(0.5))
+        expected = theirs(self.x).array
+        ours = deformable.DeformableConvolution2D(3, 4, 3, 1, 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, 'theirs.npz')
+            chainer.serializers.save_npz(path, theirs)
+            chainer.serializers.load_npz(path, ours)
+        assert sorted(n for n, _ in ours.namedparams()) == sorted(
+            n for n, _ in theirs.namedparams())
+        ours.to_device(backend_config.device)
+        y = ours(backend_config.device.send(self.x))
+        assert abs(to_cpu(theirs.offset_conv(self.x).array)).max() > 0.1
+        numpy.testing.assert_allclose(to_cpu(y.array), expected,
+                                      rtol=1e-4, atol=1e-4)
+
+    def test_save_load_and_copy_round_trip(self, backend_config):
+        link = deformable.DeformableConvolution2D(
+            3, 4, 3, 1, 1, offset_initialW=initializers.Normal(0.3))
+        link.to_device(backend_config.device)
+        x = backend_config.device.send(self.x)
+        expected = to_cpu(link(x).array)
+        clone = link.copy(mode='copy')
+        numpy.testing.assert_array_equal(to_cpu(clone(x).array), expected)
+
+        restored = deformable.DeformableConvolution2D(3, 4, 3, 1, 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, 'ours.npz')
+            chainer.serializers.save_npz(path, link)
+            chainer.serializers.load_npz(path, restored)
+        restored.to_device(backend_config.device)
+        numpy.testing.assert_array_equal(to_cpu(restored(x).array), expected)
+
+        link.to_cpu()
+        numpy.testing.assert_allclose(
+            link(self.x).array, expected, rtol=1e-5, atol=1e-5)
+
+    def test_options(self, backend_config):
+        link = deformable.DeformableConvolution2D(
+            3, 4, 3, offset_nobias=True, deform_nobias=True,
+            deform_initialW=initializers.Constant(0.5),
+            offset_initial_bias=None)
+        assert link.offset_conv.b is None
+        assert link.deform_conv.b is None
+        assert (link.deform_conv.W.array == 0.5).all()
+        link = deformable.DeformableConvolution2D(
+            3, 4, 3, offset_initial_bias=initializers.Constant(0.25),
+            deform_initial_bias=initializers.Constant(2.0))
+        assert (link.offset_conv.b.array == 0.25).all()
+        assert (link.deform_conv.b.array == 2.0).all()
+
+
+testing.run_module(__name__, __file__)

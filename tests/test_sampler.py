@@ -1,0 +1,345 @@
+import unittest
+
+import numpy
+import pytest
+
+import chainer
+from chainer import backend
+import chainer.functions as F
+from chainer import gradient_check
+from chainer import testing
+from chainer.utils import type_check
+
+import deformable
+from deformable import functions
+
+import naive
+
+
+BACKENDS = [{}, {'use_cuda': True}]
+
+
+def output_size(size, k, s, p):
+    return (size + 2 * p - k) // s + 1
+
+
+def random_offset(shape, spread, rng):
+    """Offsets whose sample points sit at least 0.2 from any integer.
+
+    Sample positions are integers plus the offset, so a fraction in
+    [0.2, 0.8] keeps every sample clear of the bilinear kinks (and of the
+    clamping at -1 and the far border) that numerical gradients would trip
+    over. ``spread`` is the range of the integer part: large enough to push
+    samples across the border and out of the image.
+    """
+    whole = rng.randint(-spread, spread + 1, size=shape)
+    frac = rng.uniform(0.2, 0.8, size=shape)
+    return whole + frac
+
+
+def make_inputs(n, c_in, c_out, h, w, ksize, stride, pad, dtype, rng,
+                spread=3, nobias=False):
+    kh, kw = ksize
+    out_h = output_size(h, kh, stride[0], pad[0])
+    out_w = output_size(w, kw, stride[1], pad[1])
+    x = rng.uniform(-1, 1, (n, c_in, h, w))
+    offset = random_offset((n, 2 * kh * kw, out_h, out_w), spread, rng)
+    W = rng.uniform(-1, 1, (c_out, c_in, kh, kw))
+    b = rng.uniform(-1, 1, (c_out,))
+    arrays = (x, offset, W) if nobias else (x, offset, W, b)
+    return tuple(a.astype(dtype) for a in arrays)
+
+
+@testing.parameterize(*testing.product({
+    'ksize': [(1, 1), (3, 3), (2, 3)],
+    'stride': [(1, 1), (2, 3), (3, 2)],
+    'pad': [(0, 0), (1, 2), (2, 1)],
+    'dtype': [numpy.float64],
+}) + testing.product({
+    'ksize': [(3, 3), (2, 3)],
+    'stride': [(1, 1), (2, 2)],
+    'pad': [(1, 1)],
+    'dtype': [numpy.float32, numpy.float16],
+}))
+@testing.inject_backend_tests(None, BACKENDS)
+class TestSamplerGradients(testing.FunctionTestCase):
+    """Forward against the loop reference, and check_backward, on a grid."""
+
+    skip_double_backward_test = True
+
+    def setUp(self):
+        rng = numpy.random.RandomState(sum(self.ksize + self.stride + self.pad))
+        # Batch 1-3 and a rectangular input, varied across the grid.
+        self.n = 1 + (self.ksize[1] + self.stride[0] + self.pad[1]) % 3
+        self.nobias = self.stride == (3, 2)
+        self.rng = rng
+        if self.dtype == numpy.float16:
+            self.check_forward_options = {'atol': 5e-2, 'rtol': 5e-2}
+            self.check_backward_options = {'atol': 5e-1, 'rtol': 1e-1}
+        elif self.dtype == numpy.float32:
+            self.check_forward_options = {'atol': 1e-5, 'rtol': 1e-5}
+            self.check_backward_options = {'atol': 1e-3, 'rtol': 1e-3}
+        else:
+            self.check_forward_options = {'atol': 1e-12, 'rtol': 1e-12}
+            self.check_backward_options = {'atol': 1e-7, 'rtol': 1e-7}
+
+    def generate_inputs(self):
+        return make_inputs(self.n, 2, 3, 6, 7, self.ksize, self.stride,
+                           self.pad, self.dtype, self.rng, nobias=self.nobias)
+
+    def forward(self, inputs, device):
+        return deformable.deformable_convolution_2d_sampler(
+            *inputs, stride=self.stride, pad=self.pad),
+
+    def forward_expected(self, inputs):
+        inputs = [a.astype(numpy.float64) for a in inputs]
+        y = naive.forward(*inputs, stride=self.stride, pad=self.pad)
+        return y.astype(self.dtype),
+
+
+def relative_error(actual, expected):
+    actual = backend.CpuDevice().send(actual)
+    return (numpy.abs(actual - expected).max()
+            / max(numpy.abs(expected).max(), 1e-300))
+
+
+def forward_backward(function, inputs, gy, stride, pad):
+    variables = [chainer.Variable(a.copy()) for a in inputs]
+    y = function(*variables, stride=stride, pad=pad)
+    y.grad = gy
+    y.backward()
+    return y.array, [v.grad for v in variables]
+
+
+@testing.parameterize(*[{'seed': s} for s in range(12)])
+class TestAgreementWithChainer(unittest.TestCase):
+    """Values and all four gradients equal Chainer's built-in, float64."""
+
+    def test_agreement(self):
+        rng = numpy.random.RandomState(self.seed)
+        ksize = tuple(rng.randint(1, 4, size=2))
+        stride = tuple(rng.randint(1, 4, size=2))
+        pad = tuple(rng.randint(0, 3, size=2))
+        h, w = rng.randint(max(ksize), 9, size=2)
+        inputs = make_inputs(rng.randint(1, 4), rng.randint(1, 5),
+                             rng.randint(1, 5), h, w, ksize, stride, pad,
+                             numpy.float64, rng, spread=max(h, w) + 2)
+        gy = rng.uniform(-1, 1, (inputs[0].shape[0], inputs[2].shape[0],
+                                 inputs[1].shape[2], inputs[1].shape[3]))
+        y, grads = forward_backward(
+            deformable.deformable_convolution_2d_sampler, inputs, gy,
+            stride, pad)
+        y_ref, grads_ref = forward_backward(
+            F.deformable_convolution_2d_sampler, inputs, gy, stride, pad)
+        assert relative_error(y, y_ref) < 1e-10
+        for name, g, g_ref in zip('x offset W b'.split(), grads, grads_ref):
+            assert relative_error(g, g_ref) < 1e-10, name
+
+
+@testing.inject_backend_tests(None, BACKENDS)
+class TestExactCases(unittest.TestCase):
+
+    def setUp(self):
+        rng = numpy.random.RandomState(0)
+        self.x = rng.uniform(-1, 1, (2, 3, 6, 5))
+        self.W = rng.uniform(-1, 1, (4, 3, 3, 3))
+        self.b = rng.uniform(-1, 1, (4,))
+        self.rng = rng
+
+    def run_sampler(self, device, offset, stride=1, pad=1):
+        x, offset, W, b = device.send((self.x, offset, self.W, self.b))
+        y = deformable.deformable_convolution_2d_sampler(
+            x, offset, W, b, stride, pad)
+        return backend.CpuDevice().send(y.array)
+
+    def test_zero_offset_is_convolution(self, backend_config):
+        for stride, pad in [(1, 1), (2, 0), ((1, 2), (2, 1))]:
+            y_conv = F.convolution_2d(self.x, self.W, self.b, stride, pad)
+            offset = numpy.zeros((2, 18) + y_conv.shape[2:])
+            y = self.run_sampler(backend_config.device, offset, stride, pad)
+            numpy.testing.assert_allclose(y, y_conv.array, rtol=0, atol=1e-13)
+
+    def test_integer_offset_is_shifted_convolution(self, backend_config):
+        # Every tap shifted by (dy, dx) is the plain convolution moved by
+        # (dy, dx) on an input zero-extended far enough to contain it.
+        h, w = self.x.shape[2:]
+        for dy, dx in [(1, 0), (-2, 1), (0, -3), (7, 7)]:
+            margin = max(abs(dy), abs(dx))
+            y_wide = F.convolution_2d(
+                self.x, self.W, self.b, 1, 1 + margin).array
+            y_conv = y_wide[:, :, margin + dy:margin + dy + h,
+                            margin + dx:margin + dx + w]
+            offset = numpy.zeros((2, 18, h, w))
+            offset[:, :9] = dx
+            offset[:, 9:] = dy
+            y = self.run_sampler(backend_config.device, offset)
+            numpy.testing.assert_allclose(y, y_conv, rtol=0, atol=1e-13)
+
+    def test_integer_offset_gradient_is_forward_difference(
+            self, backend_config):
+        offset = self.rng.randint(-3, 4, size=(2, 18, 6, 5)).astype(
+            numpy.float64)
+        gy = self.rng.uniform(-1, 1, (2, 4, 6, 5))
+        x, offset_d, W, b, gy_d = backend_config.device.send(
+            (self.x, offset, self.W, self.b, gy))
+        offset_v = chainer.Variable(offset_d)
+        y = deformable.deformable_convolution_2d_sampler(
+            x, offset_v, W, b, 1, 1)
+        y.grad = gy_d
+        y.backward()
+        expected = naive.offset_grad(self.x, offset, self.W, gy,
+                                     (1, 1), (1, 1))
+        numpy.testing.assert_allclose(
+            backend.CpuDevice().send(offset_v.grad), expected,
+            rtol=0, atol=1e-12)
+
+    def test_non_finite_offsets(self, backend_config):
+        offset = random_offset((2, 18, 6, 5), 2, self.rng)
+        offset[0, 3, 1, 2] = numpy.inf
+        offset[0, 12, 4, 4] = -numpy.inf
+        offset[1, 0, 0, 0] = 1e30
+        offset[1, 17, 5, 1] = -1e10
+        y = self.run_sampler(backend_config.device, offset)
+        assert numpy.isfinite(y).all()
+        y_ref = F.deformable_convolution_2d_sampler(
+            self.x, offset, self.W, self.b, 1, 1).array
+        numpy.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-12)
+
+        offset[1, 4, 2, 3] = numpy.nan
+        offset[0, 10, 0, 4] = numpy.nan
+        y = self.run_sampler(backend_config.device, offset)
+        y_ref = F.deformable_convolution_2d_sampler(
+            self.x, offset, self.W, self.b, 1, 1).array
+        numpy.testing.assert_array_equal(numpy.isnan(y), numpy.isnan(y_ref))
+        # All output channels at exactly those two output pixels.
+        assert numpy.isnan(y).sum() == 2 * self.W.shape[0]
+
+    def test_gradients_finite_for_infinite_offsets(self, backend_config):
+        offset = random_offset((2, 18, 6, 5), 2, self.rng)
+        offset[:, ::4] = numpy.inf
+        offset[:, 1::4] = -1e30
+        variables = [chainer.Variable(a) for a in backend_config.device.send(
+            (self.x, offset, self.W, self.b))]
+        y = deformable.deformable_convolution_2d_sampler(*variables, 1, 1)
+        F.sum(y).backward()
+        for v in variables:
+            assert numpy.isfinite(backend.CpuDevice().send(v.grad)).all()
+        goffset = backend.CpuDevice().send(variables[1].grad)
+        assert (goffset[:, ::4] == 0).all()
+
+    def test_collapsed_offsets(self, backend_config):
+        # Every sample on the same point: the scatter's worst case.
+        offset = numpy.zeros((2, 18, 6, 5))
+        grid_y = numpy.arange(6)[:, None] - 1 + numpy.repeat(
+            numpy.arange(3), 3)[:, None, None]
+        grid_x = numpy.arange(5)[None, :] - 1 + numpy.tile(
+            numpy.arange(3), 3)[:, None, None]
+        offset[:, 9:] = 2.25 - grid_y
+        offset[:, :9] = 1.5 - grid_x
+        inputs = (self.x, offset, self.W, self.b)
+        gy = self.rng.uniform(-1, 1, (2, 4, 6, 5))
+        y, grads = forward_backward(
+            deformable.deformable_convolution_2d_sampler,
+            backend_config.device.send(inputs),
+            backend_config.device.send(gy), 1, 1)
+        y_ref, grads_ref = forward_backward(
+            F.deformable_convolution_2d_sampler, inputs, gy, 1, 1)
+        assert relative_error(y, y_ref) < 1e-10
+        for g, g_ref in zip(grads, grads_ref):
+            assert relative_error(g, g_ref) < 1e-10
+
+
+class TestGradNodeWithoutCache(unittest.TestCase):
+
+    def test_recomputed_columns_match(self):
+        rng = numpy.random.RandomState(3)
+        x, offset, W = make_inputs(2, 3, 4, 5, 6, (3, 2), (1, 2), (1, 0),
+                                   numpy.float64, rng, nobias=True)
+        gy = rng.uniform(-1, 1, (2, 4, 5, 3))
+        node = functions.DeformableConvolution2DSampler((1, 2), (1, 0))
+        node.apply((x, offset, W))
+        cached = functions.DeformableConvolution2DSamplerGrad(
+            ((1, 2), (1, 0)), node._columns).apply((x, offset, W, gy))
+        recomputed = functions.DeformableConvolution2DSamplerGrad(
+            ((1, 2), (1, 0))).apply((x, offset, W, gy))
+        for a, b in zip(cached, recomputed):
+            numpy.testing.assert_array_equal(a.array, b.array)
+
+    def test_double_backward_is_refused(self):
+        rng = numpy.random.RandomState(4)
+        inputs = [chainer.Variable(a) for a in make_inputs(
+            1, 2, 2, 4, 4, (3, 3), (1, 1), (1, 1), numpy.float64, rng)]
+        y = deformable.deformable_convolution_2d_sampler(*inputs, 1, 1)
+        gx, = chainer.grad([F.sum(y * y)], [inputs[0]],
+                           enable_double_backprop=True)
+        with pytest.raises(NotImplementedError, match='double backward'):
+            F.sum(gx).backward()
+
+
+class TestBadInput(unittest.TestCase):
+
+    def setUp(self):
+        self.x = numpy.zeros((2, 3, 6, 5), numpy.float32)
+        self.offset = numpy.zeros((2, 18, 6, 5), numpy.float32)
+        self.W = numpy.zeros((4, 3, 3, 3), numpy.float32)
+        self.b = numpy.zeros((4,), numpy.float32)
+
+    def check(self, message, x=None, offset=None, W=None, b=None,
+              stride=1, pad=1):
+        x = self.x if x is None else x
+        offset = self.offset if offset is None else offset
+        W = self.W if W is None else W
+        b = self.b if b is None else b
+        with pytest.raises(type_check.InvalidType, match=message):
+            deformable.deformable_convolution_2d_sampler(
+                x, offset, W, b, stride, pad)
+
+    def test_wrong_ndim(self):
+        self.check(r'in_types\[0\].ndim == 4', x=self.x[0])
+        self.check(r'in_types\[1\].ndim == 4', offset=self.offset[0])
+        self.check(r'in_types\[2\].ndim == 4', W=self.W[0])
+        self.check(r'in_types\[3\].ndim == 1', b=self.b[None])
+
+    def test_mismatched_dtypes(self):
+        self.check(r'in_types\[1\].dtype == in_types\[0\].dtype',
+                   offset=self.offset.astype(numpy.float64))
+        self.check(r'in_types\[2\].dtype == in_types\[0\].dtype',
+                   W=self.W.astype(numpy.float64))
+        self.check(r'in_types\[3\].dtype == in_types\[0\].dtype',
+                   b=self.b.astype(numpy.float64))
+        self.check(r'in_types\[0\].dtype.kind == f',
+                   x=self.x.astype(numpy.int32))
+
+    def test_channel_mismatch(self):
+        self.check(r'in_types\[0\].shape\[1\] == in_types\[2\].shape\[1\]',
+                   W=numpy.zeros((4, 2, 3, 3), numpy.float32))
+        self.check(r'in_types\[3\].shape\[0\] == in_types\[2\].shape\[0\]',
+                   b=numpy.zeros((5,), numpy.float32))
+
+    def test_offset_channels(self):
+        self.check(r'in_types\[1\].shape\[1\] == 2', offset=self.offset[:, 1:])
+
+    def test_offset_batch(self):
+        self.check(r'in_types\[1\].shape\[0\] == in_types\[0\].shape\[0\]',
+                   offset=self.offset[:1])
+
+    def test_offset_spatial_size(self):
+        self.check(r'in_types\[1\].shape\[2\] == 6', offset=self.offset[:, :, 1:])
+        self.check(r'in_types\[1\].shape\[3\] == 3',
+                   offset=self.offset, stride=(1, 2))
+
+    def test_output_size_below_one(self):
+        x = numpy.zeros((2, 3, 2, 2), numpy.float32)
+        offset = numpy.zeros((2, 18, 0, 0), numpy.float32)
+        self.check('output size is 0x0', x=x, offset=offset, pad=0)
+
+    def test_bad_stride_and_pad(self):
+        with pytest.raises(ValueError, match='stride'):
+            deformable.deformable_convolution_2d_sampler(
+                self.x, self.offset, self.W, stride=0)
+        with pytest.raises(ValueError, match='pad'):
+            deformable.deformable_convolution_2d_sampler(
+                self.x, self.offset, self.W, pad=-1)
+
+
+testing.run_module(__name__, __file__)
