@@ -1,24 +1,31 @@
 """NumPy implementation of deformable-convolution sampling.
 
 Layout: the input is copied once into a zero-bordered, channels-last plane
-``(n * (h + 2) * (w + 2), c)`` so that each bilinear corner of a sample is one
-contiguous row (a fast ``take``) and out-of-image corners land on the zero
-border instead of needing a branch. The sampled columns are ``(P, K, c)``
-with ``P = n * out_h * out_w`` samples and ``K = kh * kw`` taps, matching a
-weight matrix ``(K * c, out_c)`` for one BLAS product.
+``(n * (h + 2) * (w + 2), c)``, so that each bilinear corner of a sample is
+one contiguous row (a fast ``take``) and corners outside the image land on
+the zero border instead of needing a branch. Everything else is per kernel
+tap ``k``: the columns are ``(K, P, c)`` with ``P = n * out_h * out_w``
+samples, so each tap's block is contiguous and element-wise work on it runs
+in NumPy's fast contiguous loops. Large arrays are allocated once and
+filled with ``out=``: fresh large allocations cost page faults here.
 """
 
 import numpy
 
 
-class Geometry(object):
-    """Bilinear corners and weights of every sample, shape ``(P, K)``.
+# Contributions to one input pixel beyond this many (per tap) are summed
+# with a segmented reduction instead of rounds of scatter-adds.
+_MAX_ROUNDS = 8
 
-    ``top_left`` indexes the zero-bordered plane; the other corners are
-    ``top_left + corner_shift[q]``. ``weights[q]`` is corner q's bilinear
-    weight. ``frac_y``/``frac_x`` are the fractional positions and
-    ``inside_y``/``inside_x`` mark samples whose coordinate gradient is
-    non-zero (clamped samples have none).
+
+class Geometry(object):
+    """Where each tap of each sample reads the bordered plane.
+
+    Arrays are ``(K, P)``: ``top_left`` is the plane row of the top-left
+    bilinear corner (the others are ``top_left + corner_shift[q]``),
+    ``weights[:, q]`` corner q's weight (``(K, 4, P)``), ``frac_y``,
+    ``frac_x`` the fractional position, and ``inside_y``, ``inside_x``
+    mark where the coordinate gradient is not cut by clamping.
     """
 
     def __init__(self, offset, x_shape, ksize, stride, pad, dtype):
@@ -28,35 +35,43 @@ class Geometry(object):
         ph, pw = pad
         _, _, out_h, out_w = offset.shape
         n_taps = kh * kw
+        self.n_taps = n_taps
 
-        # (n, out_h, out_w, 2K): the tap axis last, to match the columns.
-        offset = offset.astype(dtype, copy=False).transpose(0, 2, 3, 1)
+        offset = offset.astype(dtype, copy=False).reshape(
+            n, 2, n_taps, out_h, out_w)
         tap_y = numpy.repeat(numpy.arange(kh), kw).astype(dtype)
         tap_x = numpy.tile(numpy.arange(kw), kh).astype(dtype)
         grid_y = (numpy.arange(out_h) * sy - ph).astype(dtype)
         grid_x = (numpy.arange(out_w) * sx - pw).astype(dtype)
-        pos_y = (offset[..., n_taps:] + tap_y
-                 + grid_y[None, :, None, None])
-        pos_x = (offset[..., :n_taps] + tap_x
-                 + grid_x[None, None, :, None])
+        # (K, n, out_h, out_w)
+        pos_y = (offset[:, 1].transpose(1, 0, 2, 3)
+                 + tap_y[:, None, None, None] + grid_y[:, None])
+        pos_x = (offset[:, 0].transpose(1, 0, 2, 3)
+                 + tap_x[:, None, None, None] + grid_x)
 
-        row, self.frac_y, self.inside_y = _axis_geometry(pos_y, h)
-        col, self.frac_x, self.inside_x = _axis_geometry(pos_x, w)
+        row, fy, self.inside_y = _axis_geometry(pos_y, h)
+        col, fx, self.inside_x = _axis_geometry(pos_x, w)
 
         plane_w = w + 2
         image_start = numpy.arange(n) * ((h + 2) * plane_w)
-        top_left = (row * plane_w + col
-                    + image_start[:, None, None, None])
-        self.top_left = top_left.reshape(-1, n_taps)
+        self.top_left = (row * plane_w + col
+                         + image_start[:, None, None]).reshape(n_taps, -1)
         self.corner_shift = (0, 1, plane_w, plane_w + 1)
 
-        fy = self.frac_y = self.frac_y.reshape(-1, n_taps)
-        fx = self.frac_x = self.frac_x.reshape(-1, n_taps)
-        self.inside_y = self.inside_y.reshape(-1, n_taps)
-        self.inside_x = self.inside_x.reshape(-1, n_taps)
+        self.frac_y = fy = fy.reshape(n_taps, -1)
+        self.frac_x = fx = fx.reshape(n_taps, -1)
+        self.inside_y = self.inside_y.reshape(n_taps, -1)
+        self.inside_x = self.inside_x.reshape(n_taps, -1)
         gy = 1 - fy
         gx = 1 - fx
-        self.weights = (gy * gx, gy * fx, fy * gx, fy * fx)
+        self.weights = numpy.stack((gy * gx, gy * fx, fy * gx, fy * fx), 1)
+
+    def gather_corners(self, plane, k, out):
+        """The four corners of tap k's samples into ``out`` ``(4, P, c)``."""
+        top_left = self.top_left[k]
+        for shift, corner in zip(self.corner_shift, out):
+            plane.take(top_left + shift, axis=0, out=corner, mode='clip')
+        return out
 
 
 def _axis_geometry(pos, size):
@@ -74,7 +89,7 @@ def _axis_geometry(pos, size):
     frac = clamped - lower
     # +1: the plane has a zero border row/column in front.
     index = lower.astype(numpy.intp) + 1
-    # Equal to -1 included: the floor convention makes the gradient at an
+    # -1 itself included: the floor convention makes the gradient at an
     # integer coordinate the forward difference.
     inside = (pos >= -1) & (pos < size)
     return index, frac, inside
@@ -89,86 +104,129 @@ def bordered_plane(x, dtype):
 
 
 def sample_columns(plane, geometry):
-    """Bilinear samples of every tap: ``(P, K, c)``."""
-    n_samples, n_taps = geometry.top_left.shape
+    """Bilinear samples of every tap: ``(K, P, c)``."""
+    n_taps, n_samples = geometry.top_left.shape
     c = plane.shape[1]
-    columns = numpy.empty((n_samples, n_taps, c), dtype=plane.dtype)
+    columns = numpy.empty((n_taps, n_samples, c), dtype=plane.dtype)
+    corners = numpy.empty((4, n_samples, c), dtype=plane.dtype)
     for k in range(n_taps):
-        top_left = geometry.top_left[:, k]
-        acc = None
-        for shift, weight in zip(geometry.corner_shift, geometry.weights):
-            corner = plane.take(top_left + shift, axis=0)
-            corner *= weight[:, k, None]
-            if acc is None:
-                acc = corner
-            else:
-                acc += corner
-        columns[:, k] = acc
+        geometry.gather_corners(plane, k, corners)
+        corners *= geometry.weights[k, :, :, None]
+        numpy.add(corners[0], corners[1], out=columns[k])
+        columns[k] += corners[2]
+        columns[k] += corners[3]
     return columns
 
 
-def coordinate_grads(plane, geometry, grad_columns):
-    """Gradients of the loss w.r.t. the sample coordinates, ``(P, K)`` each.
+def convolve_columns(columns, weight):
+    """``sum_k columns[k] @ weight[k]``: ``(P, out_c)``."""
+    y = columns[0].dot(weight[0])
+    product = numpy.empty_like(y)
+    for k in range(1, len(columns)):
+        numpy.dot(columns[k], weight[k], out=product)
+        y += product
+    return y
 
-    With ``s_q = <grad column, corner q>``, bilinear interpolation gives
-    ``d/dy = (1 - fx)(s10 - s00) + fx (s11 - s01)`` and the mirror for x.
+
+def backward(plane, geometry, columns, gy, weight):
+    """Gradients w.r.t. the plane, the coordinates and the weight.
+
+    Args:
+        plane: ``(R, c)`` bordered input.
+        columns: ``(K, P, c)`` from :func:`sample_columns`.
+        gy: ``(P, out_c)`` output gradient in sample order.
+        weight: ``(K, c, out_c)``.
+
+    Returns:
+        ``(grad_plane (R, c), grad_y (K, P), grad_x (K, P),
+        grad_weight (K, c, out_c))``.
     """
-    n_samples, n_taps = geometry.top_left.shape
-    grad_y = numpy.empty((n_samples, n_taps), dtype=plane.dtype)
-    grad_x = numpy.empty((n_samples, n_taps), dtype=plane.dtype)
+    n_taps, n_samples = geometry.top_left.shape
+    c = plane.shape[1]
+    dtype = plane.dtype
+    grad_plane = numpy.zeros_like(plane)
+    grad_y = numpy.empty((n_taps, n_samples), dtype=dtype)
+    grad_x = numpy.empty((n_taps, n_samples), dtype=dtype)
+    grad_weight = numpy.empty(weight.shape, dtype=dtype)
+    grad_column = numpy.empty((n_samples, c), dtype=dtype)
+    corners = numpy.empty((4, n_samples, c), dtype=dtype)
     for k in range(n_taps):
-        top_left = geometry.top_left[:, k]
-        g = grad_columns[:, k]
-        s00, s01, s10, s11 = [
-            numpy.einsum('pc,pc->p', plane.take(top_left + shift, axis=0), g)
-            for shift in geometry.corner_shift]
-        fy = geometry.frac_y[:, k]
-        fx = geometry.frac_x[:, k]
-        grad_y[:, k] = (1 - fx) * (s10 - s00) + fx * (s11 - s01)
-        grad_x[:, k] = (1 - fy) * (s01 - s00) + fy * (s11 - s10)
+        numpy.dot(columns[k].T, gy, out=grad_weight[k])
+        numpy.dot(gy, weight[k].T, out=grad_column)
+
+        # With s_q = <grad column, corner q>, bilinear interpolation gives
+        # d/dy = (1 - fx)(s10 - s00) + fx (s11 - s01), and d/dx likewise.
+        geometry.gather_corners(plane, k, corners)
+        s00, s01, s10, s11 = numpy.einsum('qpc,pc->qp', corners, grad_column)
+        fy = geometry.frac_y[k]
+        fx = geometry.frac_x[k]
+        grad_y[k] = (1 - fx) * (s10 - s00) + fx * (s11 - s01)
+        grad_x[k] = (1 - fy) * (s01 - s00) + fy * (s11 - s10)
+
+        _scatter_tap(grad_plane, grad_column, geometry, k)
     # Multiplying (not masking) keeps NaN where a fraction was NaN.
     grad_y *= geometry.inside_y
     grad_x *= geometry.inside_x
-    return grad_y, grad_x
+    return grad_plane, grad_y, grad_x, grad_weight
 
 
-def scatter_columns(grad_columns, geometry, n_rows):
-    """Adjoint of :func:`sample_columns`: sums into the bordered plane.
+def _scatter_tap(grad_plane, grad_column, geometry, k):
+    """Adds tap k's column gradient to the four corners of its samples.
 
-    NumPy 1.23 has no fast scatter-add (``numpy.add.at`` is per element), so
-    contributions are sorted by target row and added in rounds: round r adds
-    the r-th contribution of every row that has one, a fancy-indexed ``+=``
-    with no repeated index. The number of rounds is the largest number of
-    contributions to one row.
+    NumPy 1.23 has no fast scatter-add (``numpy.add.at`` is per element).
+    Samples are sorted by target row; round r adds the r-th sample of every
+    target in one fancy-indexed ``+=``, which has no repeated index. Rows
+    hit more than ``_MAX_ROUNDS`` times (offsets collapsing onto one point)
+    get the rest as a segmented sum. Samples entirely outside the image are
+    skipped: all their weight is on the border, which is cropped.
     """
-    n_samples, n_taps, c = grad_columns.shape
-    n_corners = len(geometry.corner_shift)
-    # Entry e = (sample, tap, corner); its column row is e // n_corners.
-    targets = (geometry.top_left[..., None]
-               + numpy.asarray(geometry.corner_shift)).ravel()
-    weights = numpy.stack(geometry.weights, axis=-1).ravel()
+    contributing = numpy.flatnonzero(
+        geometry.inside_y[k] & geometry.inside_x[k])
+    targets = geometry.top_left[k, contributing]
     order = numpy.argsort(targets, kind='stable')
     sorted_targets = targets[order]
+    run_start = numpy.flatnonzero(numpy.concatenate(
+        ([True], sorted_targets[1:] != sorted_targets[:-1])))
+    run_length = numpy.diff(numpy.append(run_start, len(order)))
 
-    # Rank of each entry within its target's run of the sorted order.
-    position = numpy.arange(order.size)
-    run_start = numpy.ones(order.size, dtype=bool)
-    run_start[1:] = sorted_targets[1:] != sorted_targets[:-1]
-    rank = position - numpy.maximum.accumulate(
-        numpy.where(run_start, position, 0))
-    by_rank = numpy.argsort(rank, kind='stable')
-    round_sizes = numpy.bincount(rank)
+    samples_by_target = contributing[order]
+    top_left = geometry.top_left[k]
+    weights = geometry.weights[k]
+    for r in range(_MAX_ROUNDS):
+        alive = run_length > r
+        run_start, run_length = run_start[alive], run_length[alive]
+        if not len(run_start):
+            return
+        samples = samples_by_target[run_start + r]
+        _add_to_corners(grad_plane, top_left[samples],
+                        geometry.corner_shift, weights[:, samples],
+                        grad_column[samples])
 
-    grad_rows = grad_columns.reshape(n_samples * n_taps, c)
-    grad_plane = numpy.zeros((n_rows, c), dtype=grad_columns.dtype)
-    start = 0
-    for size in round_sizes:
-        entries = order[by_rank[start:start + size]]
-        start += size
-        contribution = grad_rows.take(entries // n_corners, axis=0)
-        contribution *= weights[entries, None]
-        grad_plane[targets[entries]] += contribution
-    return grad_plane
+    # The rest of each run still longer than _MAX_ROUNDS, run by run.
+    tail_length = run_length - _MAX_ROUNDS
+    tail_offset = numpy.cumsum(tail_length) - tail_length
+    within = numpy.arange(tail_length.sum()) - numpy.repeat(
+        tail_offset, tail_length)
+    samples = samples_by_target[
+        numpy.repeat(run_start + _MAX_ROUNDS, tail_length) + within]
+    rows = grad_column[samples]
+    first = samples[tail_offset]
+    for shift, corner_weights in zip(geometry.corner_shift, weights):
+        # reduceat along the contiguous axis is the fast direction.
+        summed = numpy.add.reduceat(
+            (rows * corner_weights[samples, None]).T, tail_offset, axis=1)
+        grad_plane[top_left[first] + shift] += summed.T
+
+
+def _add_to_corners(grad_plane, top_left, corner_shift, weights, rows):
+    """``grad_plane[corner q] += weights[q] * rows``, rows of distinct
+    samples with distinct ``top_left``."""
+    contribution = numpy.empty_like(rows)
+    for shift, corner_weights in zip(corner_shift, weights):
+        target = top_left + shift
+        numpy.multiply(rows, corner_weights[:, None], out=contribution)
+        contribution += grad_plane.take(target, axis=0, mode='clip')
+        grad_plane[target] = contribution
 
 
 def crop_plane(grad_plane, x_shape):

@@ -57,8 +57,8 @@ def _kernel(in_params, out_params, operation, name):
 def _geometry_args(x_shape, offset, ksize, stride, pad):
     n, c, h, w = x_shape
     _, _, out_h, out_w = offset.shape
-    return (offset, n * out_h * out_w, c, h, w, out_h, out_w) + tuple(ksize) + tuple(
-        stride) + tuple(pad)
+    return ((offset, n * out_h * out_w, c, h, w, out_h, out_w)
+            + tuple(ksize) + tuple(stride) + tuple(pad))
 
 
 def sample_columns(x, offset, ksize, stride, pad):

@@ -3,7 +3,6 @@
 import numpy
 
 import chainer
-from chainer import backend
 from chainer.backends import cuda
 from chainer import function_node
 import chainer.functions
@@ -26,6 +25,13 @@ def _compute_dtype(dtype):
     return numpy.float32 if dtype == numpy.float16 else dtype
 
 
+def _cpu_weight(W, dtype):
+    """``W`` as ``(K, c_in, c_out)``, the CPU columns' weight layout."""
+    out_c, c, kh, kw = W.shape
+    return numpy.ascontiguousarray(
+        W.transpose(2, 3, 1, 0).reshape(kh * kw, c, out_c), dtype=dtype)
+
+
 class DeformableConvolution2DSampler(function_node.FunctionNode):
     """Deformable convolution given its offsets: ``y = W * sample(x)``.
 
@@ -39,7 +45,8 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
             raise ValueError('stride must be positive, got {}'.format(stride))
         if min(self.ph, self.pw) < 0:
             raise ValueError('pad must be non-negative, got {}'.format(pad))
-        self._columns = None
+        # Forward results the gradient reuses; freed with this node.
+        self._saved = {}
 
     def check_type_forward(self, in_types):
         n_in = in_types.size()
@@ -100,15 +107,12 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
         geometry = _cpu.Geometry(offset, x.shape, (kh, kw), stride, pad, dtype)
         plane = _cpu.bordered_plane(x, dtype)
         columns = _cpu.sample_columns(plane, geometry)
-        # (K * c, out_c), matching the (P, K, c) columns.
-        weight = W.astype(dtype, copy=False).transpose(2, 3, 1, 0).reshape(
-            kh * kw * c, out_c)
-        y = columns.reshape(len(columns), -1).dot(weight)
+        y = _cpu.convolve_columns(columns, _cpu_weight(W, dtype))
         if len(inputs) == 4:
             y += inputs[3]
         y = y.reshape(n, out_h, out_w, out_c).transpose(0, 3, 1, 2)
-        # Kept for the weight gradient; freed with this node.
-        self._columns = columns
+        self._saved = {'geometry': geometry, 'plane': plane,
+                       'columns': columns}
         return numpy.ascontiguousarray(y, dtype=x.dtype),
 
     def forward_gpu(self, inputs):
@@ -128,14 +132,14 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
         if len(inputs) == 4:
             y += inputs[3].astype(dtype, copy=False)[:, None]
         y = y.reshape(out_c, n, out_h, out_w).transpose(1, 0, 2, 3)
-        self._columns = columns
+        self._saved = {'columns': columns}
         return cuda.cupy.ascontiguousarray(y.astype(x.dtype, copy=False)),
 
     def backward(self, indexes, grad_outputs):
         x, offset, W = self.get_retained_inputs()
         gy, = grad_outputs
         grad_node = DeformableConvolution2DSamplerGrad(
-            self._geometry_params, self._columns)
+            self._geometry_params, **self._saved)
         grads = grad_node.apply((x, offset, W, gy))
         if 3 in indexes:
             grads += chainer.functions.sum(gy, axis=(0, 2, 3)),
@@ -149,9 +153,13 @@ class DeformableConvolution2DSamplerGrad(function_node.FunctionNode):
     not implemented.
     """
 
-    def __init__(self, geometry_params, columns=None):
+    def __init__(self, geometry_params, columns=None, geometry=None,
+                 plane=None):
+        # columns, geometry, plane: the forward's, to save recomputing them.
         self.stride, self.pad = geometry_params
         self._columns = columns
+        self._geometry = geometry
+        self._plane = plane
 
     def forward_cpu(self, inputs):
         x, offset, W, gy = inputs
@@ -159,29 +167,27 @@ class DeformableConvolution2DSamplerGrad(function_node.FunctionNode):
         out_c, c, kh, kw = W.shape
         n_taps = kh * kw
 
-        geometry = _cpu.Geometry(
-            offset, x.shape, (kh, kw), self.stride, self.pad, dtype)
-        plane = _cpu.bordered_plane(x, dtype)
+        geometry = self._geometry
+        if geometry is None:
+            geometry = _cpu.Geometry(
+                offset, x.shape, (kh, kw), self.stride, self.pad, dtype)
+        plane = self._plane
+        if plane is None:
+            plane = _cpu.bordered_plane(x, dtype)
         columns = self._columns
         if columns is None:
             columns = _cpu.sample_columns(plane, geometry)
-        columns = columns.reshape(len(columns), -1)
         # (P, out_c), rows in the columns' sample order.
-        gy = gy.astype(dtype, copy=False).transpose(0, 2, 3, 1).reshape(
-            -1, out_c)
-        weight = W.astype(dtype, copy=False).transpose(2, 3, 1, 0).reshape(
-            n_taps * c, out_c)
+        gy = numpy.ascontiguousarray(
+            gy.transpose(0, 2, 3, 1).reshape(-1, out_c), dtype=dtype)
+        grad_plane, grad_y, grad_x, grad_weight = _cpu.backward(
+            plane, geometry, columns, gy, _cpu_weight(W, dtype))
 
-        gW = gy.T.dot(columns).reshape(out_c, kh, kw, c).transpose(0, 3, 1, 2)
-        grad_columns = gy.dot(weight.T).reshape(-1, n_taps, c)
-
-        grad_y, grad_x = _cpu.coordinate_grads(plane, geometry, grad_columns)
-        goffset = numpy.concatenate((grad_x, grad_y), axis=1).reshape(
-            offset.shape[0], offset.shape[2], offset.shape[3], 2 * n_taps)
-        goffset = goffset.transpose(0, 3, 1, 2)
-
-        grad_plane = _cpu.scatter_columns(grad_columns, geometry, len(plane))
         gx = _cpu.crop_plane(grad_plane, x.shape)
+        n, _, out_h, out_w = offset.shape
+        goffset = numpy.concatenate((grad_x, grad_y)).reshape(
+            2 * n_taps, n, out_h, out_w).transpose(1, 0, 2, 3)
+        gW = grad_weight.reshape(kh, kw, c, out_c).transpose(3, 2, 0, 1)
         return tuple(numpy.ascontiguousarray(g, dtype=x.dtype)
                      for g in (gx, goffset, gW))
 

@@ -6,7 +6,6 @@ import pytest
 import chainer
 from chainer import backend
 import chainer.functions as F
-from chainer import gradient_check
 from chainer import testing
 from chainer.utils import type_check
 
@@ -68,7 +67,8 @@ class TestSamplerGradients(testing.FunctionTestCase):
     skip_double_backward_test = True
 
     def setUp(self):
-        rng = numpy.random.RandomState(sum(self.ksize + self.stride + self.pad))
+        rng = numpy.random.RandomState(
+            sum(self.ksize + self.stride + self.pad))
         # Batch 1-3 and a rectangular input, varied across the grid.
         self.n = 1 + (self.ksize[1] + self.stride[0] + self.pad[1]) % 3
         self.nobias = self.stride == (3, 2)
@@ -251,15 +251,16 @@ class TestExactCases(unittest.TestCase):
 
 class TestGradNodeWithoutCache(unittest.TestCase):
 
-    def test_recomputed_columns_match(self):
+    def test_recomputed_forward_state_matches(self):
         rng = numpy.random.RandomState(3)
         x, offset, W = make_inputs(2, 3, 4, 5, 6, (3, 2), (1, 2), (1, 0),
                                    numpy.float64, rng, nobias=True)
         gy = rng.uniform(-1, 1, (2, 4, 5, 3))
         node = functions.DeformableConvolution2DSampler((1, 2), (1, 0))
         node.apply((x, offset, W))
+        assert node._saved
         cached = functions.DeformableConvolution2DSamplerGrad(
-            ((1, 2), (1, 0)), node._columns).apply((x, offset, W, gy))
+            ((1, 2), (1, 0)), **node._saved).apply((x, offset, W, gy))
         recomputed = functions.DeformableConvolution2DSamplerGrad(
             ((1, 2), (1, 0))).apply((x, offset, W, gy))
         for a, b in zip(cached, recomputed):
@@ -324,7 +325,8 @@ class TestBadInput(unittest.TestCase):
                    offset=self.offset[:1])
 
     def test_offset_spatial_size(self):
-        self.check(r'in_types\[1\].shape\[2\] == 6', offset=self.offset[:, :, 1:])
+        self.check(r'in_types\[1\].shape\[2\] == 6',
+                   offset=self.offset[:, :, 1:])
         self.check(r'in_types\[1\].shape\[3\] == 3',
                    offset=self.offset, stride=(1, 2))
 
