@@ -10,7 +10,38 @@ in NumPy's fast contiguous loops. Large arrays are allocated once and
 filled with ``out=``: fresh large allocations cost page faults here.
 """
 
+import importlib
+import os
+
 import numpy
+
+import chainer
+
+
+# 'auto': compiled loops where Numba imports; 'never': pure NumPy; 'always':
+# Numba or an error. Chainer config, so `chainer.using_config` switches it.
+chainer.global_config.deformable_use_numba = os.environ.get(
+    'DEFORMABLE_USE_NUMBA', 'auto')
+
+
+def compiled_kernels():
+    """The ``deformable._numba`` module, or None for the pure-NumPy path."""
+    mode = chainer.config.deformable_use_numba
+    if mode not in ('auto', 'never', 'always'):
+        raise ValueError(
+            "chainer.config.deformable_use_numba must be 'auto', 'never' or "
+            "'always', not {!r}".format(mode))
+    if mode == 'never':
+        return None
+    try:
+        return importlib.import_module('deformable._numba')
+    except ImportError:
+        if mode == 'always':
+            raise ImportError(
+                "deformable_use_numba is 'always' but Numba is not "
+                "installed: pip install numba (or pip install "
+                "'deformable[fast]')")
+        return None
 
 
 # Contributions to one input pixel beyond this many (per tap) are summed
@@ -56,12 +87,15 @@ class Geometry(object):
         image_start = numpy.arange(n) * ((h + 2) * plane_w)
         self.top_left = (row * plane_w + col
                          + image_start[:, None, None]).reshape(n_taps, -1)
+        self.row_shift = plane_w
         self.corner_shift = (0, 1, plane_w, plane_w + 1)
 
         self.frac_y = fy = fy.reshape(n_taps, -1)
         self.frac_x = fx = fx.reshape(n_taps, -1)
         self.inside_y = self.inside_y.reshape(n_taps, -1)
         self.inside_x = self.inside_x.reshape(n_taps, -1)
+        # Samples with a corner in the image; the rest only touch the border.
+        self.contributing = self.inside_y & self.inside_x
         gy = 1 - fy
         gx = 1 - fx
         self.weights = numpy.stack((gy * gx, gy * fx, fy * gx, fy * fx), 1)
@@ -108,6 +142,14 @@ def sample_columns(plane, geometry):
     n_taps, n_samples = geometry.top_left.shape
     c = plane.shape[1]
     columns = numpy.empty((n_taps, n_samples, c), dtype=plane.dtype)
+    kernels = compiled_kernels()
+    if kernels is not None:
+        for k in range(n_taps):
+            kernels.sample_tap(plane, geometry.top_left[k],
+                               geometry.weights[k], geometry.row_shift,
+                               columns[k])
+        return columns
+
     corners = numpy.empty((4, n_samples, c), dtype=plane.dtype)
     for k in range(n_taps):
         geometry.gather_corners(plane, k, corners)
@@ -149,10 +191,19 @@ def backward(plane, geometry, columns, gy, weight):
     grad_x = numpy.empty((n_taps, n_samples), dtype=dtype)
     grad_weight = numpy.empty(weight.shape, dtype=dtype)
     grad_column = numpy.empty((n_samples, c), dtype=dtype)
-    corners = numpy.empty((4, n_samples, c), dtype=dtype)
+    kernels = compiled_kernels()
+    if kernels is None:
+        corners = numpy.empty((4, n_samples, c), dtype=dtype)
     for k in range(n_taps):
         numpy.dot(columns[k].T, gy, out=grad_weight[k])
         numpy.dot(gy, weight[k].T, out=grad_column)
+        if kernels is not None:
+            kernels.backward_tap(
+                plane, geometry.top_left[k], geometry.weights[k],
+                geometry.frac_y[k], geometry.frac_x[k],
+                geometry.contributing[k], geometry.row_shift, grad_column,
+                grad_plane, grad_y[k], grad_x[k])
+            continue
 
         # With s_q = <grad column, corner q>, bilinear interpolation gives
         # d/dy = (1 - fx)(s10 - s00) + fx (s11 - s01), and d/dx likewise.
@@ -162,7 +213,6 @@ def backward(plane, geometry, columns, gy, weight):
         fx = geometry.frac_x[k]
         grad_y[k] = (1 - fx) * (s10 - s00) + fx * (s11 - s01)
         grad_x[k] = (1 - fy) * (s01 - s00) + fy * (s11 - s10)
-
         _scatter_tap(grad_plane, grad_column, geometry, k)
     # Multiplying (not masking) keeps NaN where a fraction was NaN.
     grad_y *= geometry.inside_y
@@ -180,8 +230,7 @@ def _scatter_tap(grad_plane, grad_column, geometry, k):
     get the rest as a segmented sum. Samples entirely outside the image are
     skipped: all their weight is on the border, which is cropped.
     """
-    contributing = numpy.flatnonzero(
-        geometry.inside_y[k] & geometry.inside_x[k])
+    contributing = numpy.flatnonzero(geometry.contributing[k])
     targets = geometry.top_left[k, contributing]
     order = numpy.argsort(targets, kind='stable')
     sorted_targets = targets[order]

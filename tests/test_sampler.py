@@ -1,4 +1,6 @@
+import sys
 import unittest
+from unittest import mock
 
 import numpy
 import pytest
@@ -10,12 +12,22 @@ from chainer import testing
 from chainer.utils import type_check
 
 import deformable
+from deformable import _cpu
 from deformable import functions
 
 import naive
 
 
 BACKENDS = [{}, {'use_cuda': True}]
+# The CPU path's two implementations of its loops.
+CPU_KERNELS = ['never', 'always']
+
+
+def cpu_kernels(use_numba):
+    """Selects the pure-NumPy ('never') or compiled ('always') CPU loops."""
+    if use_numba == 'always':
+        pytest.importorskip('numba')
+    return chainer.using_config('deformable_use_numba', use_numba)
 
 
 def output_size(size, k, s, p):
@@ -49,7 +61,7 @@ def make_inputs(n, c_in, c_out, h, w, ksize, stride, pad, dtype, rng,
     return tuple(a.astype(dtype) for a in arrays)
 
 
-@testing.parameterize(*testing.product({
+GRID = testing.product({
     'ksize': [(1, 1), (3, 3), (2, 3)],
     'stride': [(1, 1), (2, 3), (3, 2)],
     'pad': [(0, 0), (1, 2), (2, 1)],
@@ -59,9 +71,10 @@ def make_inputs(n, c_in, c_out, h, w, ksize, stride, pad, dtype, rng,
     'stride': [(1, 1), (2, 2)],
     'pad': [(1, 1)],
     'dtype': [numpy.float32, numpy.float16],
-}))
-@testing.inject_backend_tests(None, BACKENDS)
-class TestSamplerGradients(testing.FunctionTestCase):
+})
+
+
+class SamplerGradientsMixin(object):
     """Forward against the loop reference, and check_backward, on a grid."""
 
     skip_double_backward_test = True
@@ -88,13 +101,27 @@ class TestSamplerGradients(testing.FunctionTestCase):
                            self.pad, self.dtype, self.rng, nobias=self.nobias)
 
     def forward(self, inputs, device):
-        return deformable.deformable_convolution_2d_sampler(
-            *inputs, stride=self.stride, pad=self.pad),
+        with cpu_kernels(self.use_numba):
+            return deformable.deformable_convolution_2d_sampler(
+                *inputs, stride=self.stride, pad=self.pad),
 
     def forward_expected(self, inputs):
         inputs = [a.astype(numpy.float64) for a in inputs]
         y = naive.forward(*inputs, stride=self.stride, pad=self.pad)
         return y.astype(self.dtype),
+
+
+@testing.parameterize(*GRID)
+@testing.inject_backend_tests(None, BACKENDS)
+class TestSamplerGradients(SamplerGradientsMixin, testing.FunctionTestCase):
+    use_numba = 'never'
+
+
+@testing.parameterize(*GRID)
+@testing.inject_backend_tests(None, [{}])
+class TestSamplerGradientsCompiled(SamplerGradientsMixin,
+                                   testing.FunctionTestCase):
+    use_numba = 'always'
 
 
 def relative_error(actual, expected):
@@ -111,9 +138,17 @@ def forward_backward(function, inputs, gy, stride, pad):
     return y.array, [v.grad for v in variables]
 
 
-@testing.parameterize(*[{'seed': s} for s in range(12)])
+@testing.parameterize(*testing.product({
+    'seed': list(range(12)), 'use_numba': CPU_KERNELS}))
 class TestAgreementWithChainer(unittest.TestCase):
     """Values and all four gradients equal Chainer's built-in, float64."""
+
+    def setUp(self):
+        self.config = cpu_kernels(self.use_numba)
+        self.config.__enter__()
+
+    def tearDown(self):
+        self.config.__exit__(None, None, None)
 
     def test_agreement(self):
         rng = numpy.random.RandomState(self.seed)
@@ -136,10 +171,11 @@ class TestAgreementWithChainer(unittest.TestCase):
             assert relative_error(g, g_ref) < 1e-10, name
 
 
-@testing.inject_backend_tests(None, BACKENDS)
-class TestExactCases(unittest.TestCase):
+class ExactCasesMixin(object):
 
     def setUp(self):
+        self.config = cpu_kernels(self.use_numba)
+        self.config.__enter__()
         rng = numpy.random.RandomState(0)
         self.x = rng.uniform(-1, 1, (2, 3, 6, 5))
         self.W = rng.uniform(-1, 1, (4, 3, 3, 3))
@@ -248,6 +284,19 @@ class TestExactCases(unittest.TestCase):
         for g, g_ref in zip(grads, grads_ref):
             assert relative_error(g, g_ref) < 1e-10
 
+    def tearDown(self):
+        self.config.__exit__(None, None, None)
+
+
+@testing.inject_backend_tests(None, BACKENDS)
+class TestExactCases(ExactCasesMixin, unittest.TestCase):
+    use_numba = 'never'
+
+
+@testing.inject_backend_tests(None, [{}])
+class TestExactCasesCompiled(ExactCasesMixin, unittest.TestCase):
+    use_numba = 'always'
+
 
 class TestGradNodeWithoutCache(unittest.TestCase):
 
@@ -342,6 +391,24 @@ class TestBadInput(unittest.TestCase):
         with pytest.raises(ValueError, match='pad'):
             deformable.deformable_convolution_2d_sampler(
                 self.x, self.offset, self.W, pad=-1)
+
+
+class TestCpuKernelSwitch(unittest.TestCase):
+
+    def test_bad_mode(self):
+        with chainer.using_config('deformable_use_numba', 'yes'):
+            with pytest.raises(ValueError, match="'auto', 'never' or"):
+                _cpu.compiled_kernels()
+
+    def test_always_without_numba(self):
+        # A None entry in sys.modules makes the import fail.
+        with mock.patch.dict(sys.modules, {'numba': None,
+                                           'deformable._numba': None}):
+            with chainer.using_config('deformable_use_numba', 'always'):
+                with pytest.raises(ImportError, match='pip install numba'):
+                    _cpu.compiled_kernels()
+            with chainer.using_config('deformable_use_numba', 'auto'):
+                assert _cpu.compiled_kernels() is None
 
 
 testing.run_module(__name__, __file__)

@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Speed of our deformable sampler against references, in one process.
+
+Times ``deformable.deformable_convolution_2d_sampler``, Chainer's built-in
+``F.deformable_convolution_2d_sampler`` and ``F.convolution_2d`` (the floor)
+back to back, round-robin, and prints medians and ratios to the plain
+convolution. Ratios, not absolute times, are what carry between runs on a
+noisy machine. Also reports the peak memory our op allocates.
+
+    python benchmarks/bench_sampler.py                 # op, CPU
+    python benchmarks/bench_sampler.py --mode train    # training steps
+    python benchmarks/bench_sampler.py --gpu 0         # op, GPU
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+import tracemalloc
+
+import numpy
+
+import chainer
+import chainer.functions as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+import deformable  # NOQA
+
+
+# name: (batch, in_channels, out_channels, height, width, ksize, pad)
+SHAPES = {
+    'mnist-l2': (100, 32, 32, 28, 28, 3, 1),
+    'mnist-l3': (100, 32, 32, 14, 14, 3, 1),
+    'mid': (8, 64, 64, 56, 56, 3, 1),
+    'large': (32, 256, 256, 64, 64, 3, 1),
+}
+CPU_SHAPES = ['mnist-l2', 'mnist-l3', 'mid']
+GPU_SHAPES = ['mnist-l2', 'mnist-l3', 'mid', 'large']
+
+
+def plain_convolution(x, offset, W, b, stride, pad):
+    return F.convolution_2d(x, W, b, stride, pad)
+
+
+IMPLEMENTATIONS = [
+    ('F.convolution_2d', plain_convolution),
+    ('ours', deformable.deformable_convolution_2d_sampler),
+    ('chainer built-in', F.deformable_convolution_2d_sampler),
+]
+
+
+def make_inputs(shape, xp, seed=0):
+    n, c_in, c_out, h, w, k, p = shape
+    rng = numpy.random.RandomState(seed)
+    out_h, out_w = h + 2 * p - k + 1, w + 2 * p - k + 1
+    arrays = (
+        rng.uniform(-1, 1, (n, c_in, h, w)),
+        rng.uniform(-2, 2, (n, 2 * k * k, out_h, out_w)),
+        rng.uniform(-1, 1, (c_out, c_in, k, k)) / numpy.sqrt(c_in * k * k),
+        rng.uniform(-1, 1, (c_out,)),
+    )
+    return [xp.asarray(a, dtype=numpy.float32) for a in arrays], p
+
+
+def make_step(function, arrays, pad, backward, synchronize):
+    def step():
+        variables = [chainer.Variable(a) for a in arrays]
+        y = function(*variables, stride=1, pad=pad)
+        if backward:
+            y.grad = y.array
+            y.backward()
+        synchronize()
+    return step
+
+
+def median_times(steps, repeats):
+    """Round-robin timing: each repeat runs every step once, in turn."""
+    for step in steps.values():
+        step()  # warm-up (kernel compilation, allocator)
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(numpy.median(t)) for name, t in times.items()}
+
+
+def peak_memory_mib(step):
+    """Peak bytes NumPy allocates during one call beyond what existed."""
+    tracemalloc.start()
+    try:
+        step()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak / 2 ** 20
+
+
+def bench_op(args, xp, synchronize):
+    shapes = GPU_SHAPES if args.gpu >= 0 else CPU_SHAPES
+    rows = []
+    for shape_name in args.shapes or shapes:
+        arrays, pad = make_inputs(SHAPES[shape_name], xp)
+        for backward in (False, True):
+            steps = {name: make_step(f, arrays, pad, backward, synchronize)
+                     for name, f in IMPLEMENTATIONS}
+            medians = median_times(steps, args.repeats)
+            floor = medians['F.convolution_2d']
+            memory = ''
+            if backward and args.gpu < 0:
+                memory = '{:.0f}'.format(peak_memory_mib(steps['ours']))
+            for name, _ in IMPLEMENTATIONS:
+                rows.append((shape_name, 'fwd+bwd' if backward else 'fwd',
+                             name, medians[name], medians[name] / floor,
+                             memory if name == 'ours' else ''))
+            print_rows(rows[-len(IMPLEMENTATIONS):], header=len(rows) <= 3)
+    return rows
+
+
+def bench_train(args, xp, synchronize):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
+                                    'experiments'))
+    from models import Convnet, DeformableConvnet
+    rng = numpy.random.RandomState(0)
+    x = xp.asarray(rng.uniform(0, 1, (100, 1, 28, 28)), dtype=numpy.float32)
+    t = xp.asarray(rng.randint(0, 10, 100), dtype=numpy.int32)
+    steps = {}
+    for name, model_class in [('regular', Convnet),
+                              ('deformable', DeformableConvnet)]:
+        model = chainer.links.Classifier(model_class())
+        if args.gpu >= 0:
+            model.to_gpu(args.gpu)
+        optimizer = chainer.optimizers.Adam()
+        optimizer.setup(model)
+
+        def step(model=model, optimizer=optimizer):
+            optimizer.update(model, x, t)
+            synchronize()
+        steps[name] = step
+    medians = median_times(steps, args.repeats)
+    rows = [('train step', 'batch 100', name, medians[name],
+             medians[name] / medians['regular'], '')
+            for name in steps]
+    print_rows(rows, header=True)
+    return rows
+
+
+def print_rows(rows, header):
+    if header:
+        print('| shape | pass | implementation | median (s) | '
+              'vs reference | peak MiB |')
+        print('|---|---|---|---|---|---|')
+    for shape, direction, name, seconds, ratio, memory in rows:
+        print('| {} | {} | {} | {:.4f} | {:.2f}x | {} |'.format(
+            shape, direction, name, seconds, ratio, memory))
+    sys.stdout.flush()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--mode', choices=('op', 'train'), default='op')
+    parser.add_argument('--gpu', type=int, default=-1,
+                        help='GPU id; -1 (default) for CPU')
+    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES),
+                        help='op mode: shapes to run (default: all for '
+                             'the device)')
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error('--repeats must be at least 1')
+
+    if args.gpu >= 0:
+        try:
+            import cupy
+            cupy.cuda.Device(args.gpu).use()
+        except Exception as e:  # ImportError, CUDARuntimeError
+            parser.error('--gpu {} needs CuPy and a CUDA GPU: {}'.format(
+                args.gpu, e))
+        xp = cupy
+
+        def synchronize():
+            cupy.cuda.Device().synchronize()
+        device = cupy.cuda.runtime.getDeviceProperties(args.gpu)['name']
+        device = device.decode() if isinstance(device, bytes) else device
+    else:
+        xp = numpy
+
+        def synchronize():
+            pass
+        device = '{} CPU cores, {}'.format(os.cpu_count(),
+                                           platform.processor() or 'x86_64')
+    print('# {} mode, float32, {}; chainer {}, numpy {}; {} repeats, '
+          'medians'.format(args.mode, device, chainer.__version__,
+                           numpy.__version__, args.repeats))
+    with chainer.using_config('use_cudnn', 'auto'):
+        if args.mode == 'op':
+            bench_op(args, xp, synchronize)
+        else:
+            bench_train(args, xp, synchronize)
+
+
+if __name__ == '__main__':
+    main()
