@@ -32,6 +32,11 @@ def _cpu_weight(W, dtype):
         W.transpose(2, 3, 1, 0).reshape(kh * kw, c, out_c), dtype=dtype)
 
 
+def _gpu_array(array, dtype):
+    # The kernels index their raw inputs as C-contiguous.
+    return cuda.cupy.ascontiguousarray(array, dtype=dtype)
+
+
 class DeformableConvolution2DSampler(function_node.FunctionNode):
     """Deformable convolution given its offsets: ``y = W * sample(x)``.
 
@@ -125,8 +130,8 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
         stride, pad = self._geometry_params
 
         columns = _gpu.sample_columns(
-            x.astype(dtype, copy=False), offset.astype(dtype, copy=False),
-            (kh, kw), stride, pad)
+            _gpu_array(x, dtype), _gpu_array(offset, dtype), (kh, kw),
+            stride, pad)
         weight = W.astype(dtype, copy=False).reshape(out_c, c * kh * kw)
         y = weight.dot(columns)
         if len(inputs) == 4:
@@ -195,8 +200,8 @@ class DeformableConvolution2DSamplerGrad(function_node.FunctionNode):
         from deformable import _gpu
         x, offset, W, gy = inputs
         dtype = _compute_dtype(x.dtype)
-        x_c = x.astype(dtype, copy=False)
-        offset_c = offset.astype(dtype, copy=False)
+        x_c = _gpu_array(x, dtype)
+        offset_c = _gpu_array(offset, dtype)
         out_c, c, kh, kw = W.shape
         ksize = (kh, kw)
 
