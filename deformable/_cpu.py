@@ -1,4 +1,4 @@
-"""NumPy implementation of deformable-convolution sampling.
+"""CPU implementation of deformable-convolution sampling.
 
 Layout: the input is copied once into a zero-bordered, channels-last plane
 ``(n * (h + 2) * (w + 2), c)``, so that each bilinear corner of a sample is
@@ -55,8 +55,9 @@ class Geometry(object):
     Arrays are ``(K, P)``: ``top_left`` is the plane row of the top-left
     bilinear corner (the others are ``top_left + corner_shift[q]``),
     ``weights[:, q]`` corner q's weight (``(K, 4, P)``), ``frac_y``,
-    ``frac_x`` the fractional position, and ``inside_y``, ``inside_x``
-    mark where the coordinate gradient is not cut by clamping.
+    ``frac_x`` the fractional position, ``inside_y``, ``inside_x`` mark
+    where the coordinate gradient is not cut by clamping, and
+    ``contributing`` the samples with a corner inside the image.
     """
 
     def __init__(self, offset, x_shape, ksize, stride, pad, dtype):
@@ -66,7 +67,6 @@ class Geometry(object):
         ph, pw = pad
         _, _, out_h, out_w = offset.shape
         n_taps = kh * kw
-        self.n_taps = n_taps
 
         offset = offset.astype(dtype, copy=False).reshape(
             n, 2, n_taps, out_h, out_w)
@@ -251,7 +251,9 @@ def _scatter_tap(grad_plane, grad_column, geometry, k):
                         geometry.corner_shift, weights[:, samples],
                         grad_column[samples])
 
-    # The rest of each run still longer than _MAX_ROUNDS, run by run.
+    # The rest of each run longer than _MAX_ROUNDS, run by run.
+    longer = run_length > _MAX_ROUNDS
+    run_start, run_length = run_start[longer], run_length[longer]
     tail_length = run_length - _MAX_ROUNDS
     tail_offset = numpy.cumsum(tail_length) - tail_length
     within = numpy.arange(tail_length.sum()) - numpy.repeat(

@@ -298,6 +298,33 @@ class TestExactCasesCompiled(ExactCasesMixin, unittest.TestCase):
     use_numba = 'always'
 
 
+@testing.parameterize(*testing.product({'use_numba': CPU_KERNELS}))
+class TestScatterMultiplicity(unittest.TestCase):
+    """Groups of 1 to 16 samples landing on one point, for every size."""
+
+    def test_gradients(self):
+        rng = numpy.random.RandomState(5)
+        h = w = 12
+        x = rng.uniform(-1, 1, (1, 2, h, w))
+        W = rng.uniform(-1, 1, (3, 2, 1, 1))
+        group = numpy.repeat(numpy.arange(17), numpy.r_[1:17, 8])
+        target_y = 0.3 + 2 * (group // 4) + rng.uniform(0, 0.4, group.size)
+        target_x = 0.6 + 2 * (group % 4) + rng.uniform(0, 0.3, group.size)
+        grid_y, grid_x = numpy.mgrid[:h, :w]
+        offset = numpy.stack([target_x - grid_x.ravel(),
+                              target_y - grid_y.ravel()]).reshape(1, 2, h, w)
+        gy = rng.uniform(-1, 1, (1, 3, h, w))
+        with cpu_kernels(self.use_numba):
+            y, grads = forward_backward(
+                deformable.deformable_convolution_2d_sampler,
+                (x, offset, W), gy, 1, 0)
+        y_ref, grads_ref = forward_backward(
+            F.deformable_convolution_2d_sampler, (x, offset, W), gy, 1, 0)
+        assert relative_error(y, y_ref) < 1e-10
+        for g, g_ref in zip(grads, grads_ref):
+            assert relative_error(g, g_ref) < 1e-10
+
+
 class TestGradNodeWithoutCache(unittest.TestCase):
 
     def test_recomputed_forward_state_matches(self):
