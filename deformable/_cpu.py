@@ -254,6 +254,8 @@ def _scatter_tap(grad_plane, grad_column, geometry, k):
     # The rest of each run longer than _MAX_ROUNDS, run by run.
     longer = run_length > _MAX_ROUNDS
     run_start, run_length = run_start[longer], run_length[longer]
+    if not len(run_start):
+        return
     tail_length = run_length - _MAX_ROUNDS
     tail_offset = numpy.cumsum(tail_length) - tail_length
     within = numpy.arange(tail_length.sum()) - numpy.repeat(
