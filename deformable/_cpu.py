@@ -20,8 +20,9 @@ import chainer
 
 # 'auto': compiled loops where Numba imports; 'never': pure NumPy; 'always':
 # Numba or an error. Chainer config, so `chainer.using_config` switches it.
-chainer.global_config.deformable_use_numba = os.environ.get(
-    'DEFORMABLE_USE_NUMBA', 'auto')
+if not hasattr(chainer.global_config, 'deformable_use_numba'):
+    chainer.global_config.deformable_use_numba = os.environ.get(
+        'DEFORMABLE_USE_NUMBA', 'auto')
 
 
 def compiled_kernels():
