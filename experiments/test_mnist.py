@@ -48,7 +48,7 @@ def load_model(path, deformable=None):
 
     Args:
         path (str): ``model_iter_N``, ``non_deformable_N`` or
-            ``snapshot_epoch_N``.
+            ``snapshot_[non_]deformable_N``.
         deformable (bool or None): The kind expected; ``None`` takes the
             snapshot's kind.
 
@@ -71,14 +71,14 @@ def load_model(path, deformable=None):
     else:
         raise SnapshotError(
             '{} is not a snapshot of Convnet or DeformableConvnet (no l1/W); '
-            'pass model_iter_N, non_deformable_N or snapshot_epoch_N from '
-            'train_mnist.py'.format(path))
+            'pass model_iter_N or non_deformable_N (or a trainer snapshot) '
+            'from train_mnist.py'.format(path))
     is_deformable = prefix + 'l2/offset_conv/W' in keys
     if deformable is not None and bool(deformable) != is_deformable:
         raise SnapshotError(
-            '{} is a snapshot of the {} model; run with --deformable {}'.format(
-                path, 'deformable' if is_deformable else 'regular',
-                int(is_deformable)))
+            '{} is a snapshot of the {} model; run with --deformable '
+            '{}'.format(path, 'deformable' if is_deformable else 'regular',
+                        int(is_deformable)))
     model = DeformableConvnet(10) if is_deformable else Convnet(10)
     try:
         chainer.serializers.load_npz(path, model, path=prefix)
@@ -192,15 +192,14 @@ def _label(model):
     return 'deformable' if isinstance(model, DeformableConvnet) else 'regular'
 
 
-def draw(models, examples, indices, threshold, figsize_per_panel=2.4):
+def draw(models, examples, indices, threshold, panel_size=2.2):
     """A figure: one row per example, two panels per model."""
     import matplotlib.pyplot as plt
 
     n_rows, n_cols = len(examples), 2 * len(models)
     fig, axes = plt.subplots(
-        n_rows, n_cols, squeeze=False,
-        figsize=(figsize_per_panel * n_cols,
-                 (figsize_per_panel + .35) * n_rows + .8))
+        n_rows, n_cols, squeeze=False, layout='constrained',
+        figsize=(panel_size * n_cols, panel_size * n_rows + .7))
     for row, ((img, label), index) in enumerate(zip(examples, indices)):
         for m, (name, model) in enumerate(models):
             with chainer.using_config('train', False), \
@@ -214,8 +213,7 @@ def draw(models, examples, indices, threshold, figsize_per_panel=2.4):
             overlay[mask] = (1., 0., 0., .45)
             ax.imshow(img[0], cmap='gray', vmin=0, vmax=1)
             ax.imshow(overlay)
-            ax.set_title('{}: receptive field\n#{} label {} pred {}'.format(
-                name, index, int(label), predicted), fontsize=8)
+            ax.set_xlabel('predicted {}'.format(predicted), fontsize=8)
 
             ax = axes[row, 2 * m + 1]
             ax.imshow(img[0], cmap='gray', vmin=0, vmax=1)
@@ -224,8 +222,14 @@ def draw(models, examples, indices, threshold, figsize_per_panel=2.4):
             ax.scatter(l3_points[:, 1], l3_points[:, 0], s=12, c='cyan',
                        label='l3 taps (9)')
             ax.scatter([unit[1]], [unit[0]], s=30, c='lime', marker='x',
-                       label='unit')
-            ax.set_title('{}: sampling locations'.format(name), fontsize=8)
+                       label='centre unit of l3')
+            if row == 0:
+                axes[0, 2 * m].set_title(
+                    '{}\nreceptive field'.format(name), fontsize=9)
+                ax.set_title('{}\nsampling locations'.format(name),
+                             fontsize=9)
+        axes[row, 0].set_ylabel('test #{}, label {}'.format(
+            index, int(label)), fontsize=8)
         for ax in axes[row]:
             h, w = img.shape[1:]
             ax.set_xlim(-.5, w - .5)
@@ -233,11 +237,10 @@ def draw(models, examples, indices, threshold, figsize_per_panel=2.4):
             ax.set_xticks([])
             ax.set_yticks([])
     handles, labels = axes[0, 1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc='lower center', ncol=3, fontsize=8,
-               frameon=False)
-    fig.suptitle('centre unit of l3: |grad| > {:.3g} x max (red, left); '
-                 'sampling locations (right)'.format(threshold), fontsize=9)
-    fig.tight_layout(rect=(0, .05, 1, .95))
+    fig.legend(handles, labels, loc='outside lower center', ncol=3,
+               fontsize=8, frameon=False)
+    fig.suptitle('Centre unit of l3. Receptive field: |gradient| > {:.3g} x '
+                 'its max (red)'.format(threshold), fontsize=9)
     return fig
 
 
@@ -270,8 +273,8 @@ def parse_args(argv=None):
                         '(default ${}, else the cache, else fetched)'.format(
                             mnist_data.ENV_DIR))
     parser.add_argument('--mnist-no-verify', action='store_true',
-                        help="accept files in --mnist-dir that are not MNIST's "
-                        'own')
+                        help='accept files in --mnist-dir that are not '
+                        "MNIST's own")
     args = parser.parse_args(argv)
     if not 0 < args.threshold < 1:
         parser.error('--threshold must be in (0, 1), got {}'.format(

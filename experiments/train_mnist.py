@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Trains a deformable or a regular convnet on scaled MNIST.
 
-    python train_mnist.py --gpu 0 --deformable 1   # writes result/model_iter_N
-    python train_mnist.py --gpu 0 --deformable 0   # writes result/non_deformable_N
+    python train_mnist.py --gpu 0 --deformable 1  # result/model_iter_N
+    python train_mnist.py --gpu 0 --deformable 0  # result/non_deformable_N
 """
 
 import argparse
@@ -12,8 +12,6 @@ import random
 import zipfile
 
 import matplotlib
-matplotlib.use('Agg')  # NOQA: PlotReport draws without a display
-
 import numpy
 
 import chainer
@@ -52,8 +50,9 @@ def parse_args(argv=None):
                         help='random seed of the initialization, the '
                         'shuffling and the training images')
     parser.add_argument('--resume', '-r', default=None,
-                        help='trainer snapshot (OUT/snapshot_epoch_N) to '
-                        'continue from')
+                        help='trainer snapshot to continue from '
+                        '(OUT/snapshot_deformable_N or '
+                        'OUT/snapshot_non_deformable_N)')
     parser.add_argument('--train-size', type=positive_int, default=None,
                         help='use the first N training images (default all)')
     parser.add_argument('--test-size', type=positive_int, default=None,
@@ -80,6 +79,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    matplotlib.use('Agg')  # PlotReport draws without a display
 
     print('GPU: {}'.format(args.gpu))
     print('# Minibatch-size: {}'.format(args.batchsize))
@@ -123,15 +123,18 @@ def main(argv=None):
     trainer.extend(extensions.dump_graph('main/loss'))
 
     # The predictor alone, named as the original README expects, for
-    # test_mnist.py; and the whole trainer, for --resume.
+    # test_mnist.py; and the whole trainer, for --resume, named by kind too
+    # since both kinds write to result/ by default.
     if args.deformable:
         model_filename = 'model_iter_{.updater.epoch}'
+        trainer_filename = 'snapshot_deformable_{.updater.epoch}'
     else:
         model_filename = 'non_deformable_{.updater.epoch}'
+        trainer_filename = 'snapshot_non_deformable_{.updater.epoch}'
     trainer.extend(extensions.snapshot_object(predictor, model_filename),
                    trigger=(1, 'epoch'))
-    trainer.extend(extensions.snapshot(
-        filename='snapshot_epoch_{.updater.epoch}'), trigger=(1, 'epoch'))
+    trainer.extend(extensions.snapshot(filename=trainer_filename),
+                   trigger=(1, 'epoch'))
 
     trainer.extend(extensions.LogReport())
     if extensions.PlotReport.available():
@@ -154,8 +157,8 @@ def main(argv=None):
                 zipfile.BadZipFile) as e:
             raise SystemExit(
                 'error: cannot resume from {}: {}: {}\nIt must be a trainer '
-                'snapshot (snapshot_epoch_N) written by a run with the same '
-                '--deformable and --train-size.'.format(
+                'snapshot (snapshot_[non_]deformable_N) written by a run with '
+                'the same --deformable and --train-size.'.format(
                     args.resume, type(e).__name__, e))
 
     trainer.run()
