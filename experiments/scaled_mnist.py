@@ -52,7 +52,8 @@ class SeededScale(object):
     """``(img, label, index) -> (scaled img, label)``, the same per index.
 
     Python's global random state is restored afterwards, so the training
-    draws are not disturbed.
+    draws are not disturbed. Swapping that state is not thread-safe: use
+    the serial or the multiprocess iterator, not the multithread one.
     """
 
     def __init__(self, seed=TEST_SEED, max_ratio=MAX_RATIO):
