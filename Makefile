@@ -21,6 +21,23 @@ $(VENV)/.installed: setup.py constraints.txt
 test: venv
 	$(BIN)/python -m pytest tests
 
+# The main job: fetch MNIST, train both convnets for two short epochs on a
+# subset of scaled MNIST and draw where they look (README, "Experiments").
+# Each model gets its own directory so that both logs and plots are kept.
+DEMO_OUT := experiments/result/demo
+DEMO_FLAGS := --epoch 2 --train-size 8000 --test-size 2000 --seed 0
+
+demo: venv
+	$(BIN)/python experiments/mnist_data.py
+	$(BIN)/python experiments/train_mnist.py --deformable 0 $(DEMO_FLAGS) \
+		--out $(DEMO_OUT)/regular
+	$(BIN)/python experiments/train_mnist.py --deformable 1 $(DEMO_FLAGS) \
+		--out $(DEMO_OUT)/deformable
+	$(BIN)/python experiments/test_mnist.py --deformable 1 \
+		--resume $(DEMO_OUT)/deformable/model_iter_2 \
+		--compare $(DEMO_OUT)/regular/non_deformable_2 \
+		--index 0 1 3 4 --out $(DEMO_OUT)/deform_vis.png
+
 bench: venv
 	$(BIN)/python benchmarks/bench_sampler.py
 

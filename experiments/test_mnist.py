@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""Where a trained convnet looks: receptive field and sampling locations.
+
+For the centre unit of the third convolution's feature map (``l3``, before
+its ReLU) it draws, over scaled-MNIST test images:
+
+* the receptive field: the input pixels where the gradient of the unit
+  (summed over channels) exceeds ``--threshold`` times its largest absolute
+  value, as in the original;
+* the sampling locations: the 3x3 taps of ``l3`` back-projected through the
+  max pooling and through ``l2``'s 3x3 taps to the input, with each layer's
+  learned offsets (9 x 9 = 81 points; Dai et al. 2017, Fig. 5-6). A regular
+  convnet has zero offsets, so its points form a dilated grid.
+
+    python test_mnist.py --deformable 1 --resume result/model_iter_20
+    python test_mnist.py --deformable 0 --resume result/non_deformable_20
+    python test_mnist.py --resume result/model_iter_20 \\
+        --compare result/non_deformable_20 --index 0 1 2 --out vis.png
+"""
+
+import argparse
+import os
+import pickle
+import sys
+import zipfile
+
+import numpy
+
+import chainer
+import chainer.functions as F
+
+import mnist_data
+from models import Convnet
+from models import DeformableConvnet
+import scaled_mnist
+
+
+# Where trainer snapshots keep the predictor's parameters.
+_TRAINER_PREFIX = 'updater/model:main/predictor/'
+
+
+class SnapshotError(Exception):
+    pass
+
+
+def load_model(path, deformable=None):
+    """Loads a model snapshot (or a trainer snapshot) of either convnet.
+
+    Args:
+        path (str): ``model_iter_N``, ``non_deformable_N`` or
+            ``snapshot_[non_]deformable_N``.
+        deformable (bool or None): The kind expected; ``None`` takes the
+            snapshot's kind.
+
+    Raises:
+        SnapshotError: The file is missing, not a snapshot of these models,
+            or of the other kind than ``deformable``.
+    """
+    if not os.path.isfile(path):
+        raise SnapshotError('no such file: {}'.format(path))
+    try:
+        with numpy.load(path) as npz:
+            keys = set(npz.files)
+    except (ValueError, OSError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as e:
+        raise SnapshotError('{} is not an .npz snapshot ({})'.format(path, e))
+    if 'l1/W' in keys:
+        prefix = ''
+    elif _TRAINER_PREFIX + 'l1/W' in keys:
+        prefix = _TRAINER_PREFIX
+    else:
+        raise SnapshotError(
+            '{} is not a snapshot of Convnet or DeformableConvnet (no l1/W); '
+            'pass model_iter_N or non_deformable_N (or a trainer snapshot) '
+            'from train_mnist.py'.format(path))
+    is_deformable = prefix + 'l2/offset_conv/W' in keys
+    if deformable is not None and bool(deformable) != is_deformable:
+        raise SnapshotError(
+            '{} is a snapshot of the {} model; run with --deformable '
+            '{}'.format(path, 'deformable' if is_deformable else 'regular',
+                        int(is_deformable)))
+    model = DeformableConvnet(10) if is_deformable else Convnet(10)
+    try:
+        chainer.serializers.load_npz(path, model, path=prefix)
+    except (KeyError, ValueError) as e:
+        raise SnapshotError('cannot load {}: {}'.format(path, e))
+    return model
+
+
+def centre(shape):
+    return shape[0] // 2, shape[1] // 2
+
+
+def receptive_field(model, img, threshold=1. / 255.):
+    """Input pixels where d(centre unit of l3, summed over channels)/dx is big.
+
+    Returns:
+        ``(mask, grad)``: a boolean array and the gradient, both (H, W).
+    """
+    x = chainer.Variable(img[None])
+    with chainer.using_config('train', False):
+        h = model.features(x)['l3']
+    i, j = centre(h.shape[2:])
+    F.sum(h[:, :, i, j]).backward()
+    grad = numpy.abs(x.grad[0, 0])
+    largest = grad.max()
+    return grad > threshold * largest if largest > 0 else grad > 0, grad
+
+
+def _bilinear(field, y, x):
+    """``field`` (C, H, W) at a fractional point, clamped to the border."""
+    h, w = field.shape[1:]
+    y = min(max(y, 0.), h - 1.)
+    x = min(max(x, 0.), w - 1.)
+    y0, x0 = min(int(y), h - 2), min(int(x), w - 2)
+    dy, dx = y - y0, x - x0
+    return ((1 - dy) * (1 - dx) * field[:, y0, x0]
+            + (1 - dy) * dx * field[:, y0, x0 + 1]
+            + dy * (1 - dx) * field[:, y0 + 1, x0]
+            + dy * dx * field[:, y0 + 1, x0 + 1])
+
+
+def taps(conv, offset, y, x):
+    """Where the taps of output ``(y, x)`` of a convolution sample.
+
+    ``conv`` gives ``ksize``, ``stride`` and ``pad`` (pairs). As in
+    ``deformable.deformable_convolution_2d_sampler``, tap ``k``
+    samples at ``(y*sy - ph + k//kw + dy_k, x*sx - pw + k%kw + dx_k)``; the
+    first ``kh*kw`` offset channels are ``dx``, the last ``dy``. ``offset``
+    is ``(2*kh*kw, H, W)`` or ``None`` (a regular conv); ``(y, x)`` may be
+    fractional (the offsets are then interpolated).
+
+    Returns:
+        ``(kh*kw, 2)`` array of ``(y, x)``.
+    """
+    kh, kw = conv.ksize
+    sy, sx = conv.stride
+    ph, pw = conv.pad
+    k = numpy.arange(kh * kw)
+    ys = y * sy - ph + k // kw
+    xs = x * sx - pw + k % kw
+    if offset is not None:
+        d = _bilinear(offset, y, x)
+        xs = xs + d[:kh * kw]
+        ys = ys + d[kh * kw:]
+    return numpy.stack((ys, xs), axis=1).astype(numpy.float64)
+
+
+def _pair(value):
+    return value if isinstance(value, tuple) else (value, value)
+
+
+class _Geometry(object):
+    # The ksize/stride/pad of a conv, whichever link class holds it.
+    def __init__(self, link):
+        conv = link.deform_conv if hasattr(link, 'deform_conv') else link
+        self.ksize = _pair(conv.ksize)
+        self.stride = _pair(conv.stride)
+        self.pad = _pair(conv.pad)
+
+
+def sampling_locations(model, img):
+    """The centre unit of ``l3``'s sampling locations, in input pixels.
+
+    Returns:
+        ``(unit, l3_points, points)``: the unit's centre ``(2,)``, ``l3``'s
+        taps ``(9, 2)`` and their ``l2`` taps ``(81, 2)``, as ``(y, x)``.
+    """
+    x = img[None]
+    with chainer.using_config('train', False), \
+            chainer.using_config('enable_backprop', False):
+        feats = model.features(x)
+        off2 = off3 = None
+        if isinstance(model, DeformableConvnet):
+            off2 = model.l2.offset_conv(feats['l1']).array[0]
+            off3 = model.l3.offset_conv(feats['pool']).array[0]
+    i, j = centre(feats['l3'].shape[2:])
+    l3_points = _unpool(taps(_Geometry(model.l3), off3, i, j))
+    points = numpy.concatenate(
+        [taps(_Geometry(model.l2), off2, py, px) for py, px in l3_points])
+    return _unpool(numpy.array([i, j])), l3_points, points
+
+
+def _unpool(p):
+    # Output p of the 4x4/2/1 max pooling covers inputs 2p-1 .. 2p+2: its
+    # centre is 2p + 0.5 in l2's output, which is in input pixels as l1 and
+    # l2 keep the size.
+    return 2. * p + 0.5
+
+
+def _label(model):
+    return 'deformable' if isinstance(model, DeformableConvnet) else 'regular'
+
+
+def draw(models, examples, indices, threshold, panel_size=2.2):
+    """A figure: one row per example, two panels per model."""
+    import matplotlib.pyplot as plt
+
+    n_rows, n_cols = len(examples), 2 * len(models)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, squeeze=False, layout='constrained',
+        figsize=(panel_size * n_cols, panel_size * n_rows + .7))
+    for row, ((img, label), index) in enumerate(zip(examples, indices)):
+        for m, (name, model) in enumerate(models):
+            with chainer.using_config('train', False), \
+                    chainer.using_config('enable_backprop', False):
+                predicted = int(model(img[None]).array.argmax())
+            mask, _ = receptive_field(model, img, threshold)
+            unit, l3_points, points = sampling_locations(model, img)
+
+            ax = axes[row, 2 * m]
+            overlay = numpy.zeros(mask.shape + (4,))
+            overlay[mask] = (1., 0., 0., .45)
+            ax.imshow(img[0], cmap='gray', vmin=0, vmax=1)
+            ax.imshow(overlay)
+            ax.set_xlabel('predicted {}'.format(predicted), fontsize=8)
+
+            ax = axes[row, 2 * m + 1]
+            ax.imshow(img[0], cmap='gray', vmin=0, vmax=1)
+            ax.scatter(points[:, 1], points[:, 0], s=6, c='red',
+                       label='l2 taps (81)')
+            ax.scatter(l3_points[:, 1], l3_points[:, 0], s=12, c='cyan',
+                       label='l3 taps (9)')
+            ax.scatter([unit[1]], [unit[0]], s=30, c='lime', marker='x',
+                       label='centre unit of l3')
+            if row == 0:
+                axes[0, 2 * m].set_title(
+                    '{}\nreceptive field'.format(name), fontsize=9)
+                ax.set_title('{}\nsampling locations'.format(name),
+                             fontsize=9)
+        axes[row, 0].set_ylabel('test #{}, label {}'.format(
+            index, int(label)), fontsize=8)
+        for ax in axes[row]:
+            h, w = img.shape[1:]
+            ax.set_xlim(-.5, w - .5)
+            ax.set_ylim(h - .5, -.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles, labels = axes[0, 1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='outside lower center', ncol=3,
+               fontsize=8, frameon=False)
+    fig.suptitle('Centre unit of l3. Receptive field: |gradient| > {:.3g} x '
+                 'its max (red)'.format(threshold), fontsize=9)
+    return fig
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Receptive field and sampling locations of the centre '
+        "unit of a trained convnet's third convolution")
+    parser.add_argument('--deformable', '-d', type=int, choices=(0, 1),
+                        default=1, help='kind of the --resume snapshot (1/0)')
+    parser.add_argument('--resume', '-r', required=True,
+                        help='model snapshot (result/model_iter_N or '
+                        'result/non_deformable_N; a trainer snapshot works '
+                        'too)')
+    parser.add_argument('--compare', '-c', default=None,
+                        help='a second snapshot (either kind) drawn beside '
+                        'the first')
+    parser.add_argument('--index', '-i', type=int, nargs='+', default=[0],
+                        help='scaled-MNIST test images to draw (several give '
+                        'a grid, one row each)')
+    parser.add_argument('--threshold', type=float, default=1. / 255.,
+                        help='fraction of the largest |gradient| above which '
+                        'a pixel is in the receptive field (default 1/255)')
+    parser.add_argument('--out', '-o', default=None,
+                        help='PNG to write (default: next to the snapshot, '
+                        'RESUME_vis.png)')
+    parser.add_argument('--show', action='store_true',
+                        help='also open a window')
+    parser.add_argument('--mnist-dir', default=None,
+                        help='directory holding the four MNIST IDX files '
+                        '(default ${}, else the cache, else fetched)'.format(
+                            mnist_data.ENV_DIR))
+    parser.add_argument('--mnist-no-verify', action='store_true',
+                        help='accept files in --mnist-dir that are not '
+                        "MNIST's own")
+    args = parser.parse_args(argv)
+    if not 0 < args.threshold < 1:
+        parser.error('--threshold must be in (0, 1), got {}'.format(
+            args.threshold))
+    try:
+        args.models = [load_model(args.resume, args.deformable)]
+        if args.compare is not None:
+            args.models.append(load_model(args.compare))
+    except SnapshotError as e:
+        parser.error(str(e))
+    if args.out is None:
+        args.out = args.resume + '_vis.png'
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    import matplotlib
+    if not args.show:
+        matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    try:
+        _, test = scaled_mnist.get_scaled_mnist(
+            args.mnist_dir, verify=False if args.mnist_no_verify else None)
+    except mnist_data.MNISTError as e:
+        raise SystemExit('error: {}'.format(e))
+    bad = [i for i in args.index if not 0 <= i < len(test)]
+    if bad:
+        raise SystemExit('error: --index {} out of the test set [0, {})'
+                         .format(' '.join(map(str, bad)), len(test)))
+    examples = [test[i] for i in args.index]
+
+    models = [(_label(model), model) for model in args.models]
+    fig = draw(models, examples, args.index, args.threshold)
+    out_dir = os.path.dirname(args.out)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    fig.savefig(args.out, dpi=100)
+    print('wrote {}'.format(args.out))
+    if args.show:
+        plt.show()
+    plt.close(fig)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

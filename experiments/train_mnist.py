@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Trains a deformable or a regular convnet on scaled MNIST.
+
+    python train_mnist.py --gpu 0 --deformable 1  # result/model_iter_N
+    python train_mnist.py --gpu 0 --deformable 0  # result/non_deformable_N
+"""
+
+import argparse
+import os
+import pickle
+import random
+import zipfile
+
+import matplotlib
+import numpy
+
+import chainer
+import chainer.links as L
+from chainer import training
+from chainer.training import extensions
+
+import mnist_data
+from models import Convnet
+from models import DeformableConvnet
+import scaled_mnist
+
+
+def positive_int(value):
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(
+            'must be a positive integer, got {}'.format(value))
+    return number
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Scaled MNIST with and without deformable convolutions')
+    parser.add_argument('--gpu', '-g', type=int, default=-1,
+                        help='GPU ID (negative value indicates CPU)')
+    parser.add_argument('--deformable', '-d', type=int, choices=(0, 1),
+                        default=1, help='use deformable convolutions (1/0)')
+    parser.add_argument('--batchsize', '-b', type=positive_int, default=100,
+                        help='number of images in each mini-batch')
+    parser.add_argument('--epoch', '-e', type=positive_int, default=20,
+                        help='number of sweeps over the dataset to train')
+    parser.add_argument('--out', '-o', default='result',
+                        help='directory to write the results to')
+    parser.add_argument('--seed', type=int, default=None,
+                        help='random seed of the initialization, the '
+                        'shuffling and the training images')
+    parser.add_argument('--resume', '-r', default=None,
+                        help='trainer snapshot to continue from '
+                        '(OUT/snapshot_deformable_N or '
+                        'OUT/snapshot_non_deformable_N)')
+    parser.add_argument('--train-size', type=positive_int, default=None,
+                        help='use the first N training images (default all)')
+    parser.add_argument('--test-size', type=positive_int, default=None,
+                        help='use the first N test images (default all)')
+    parser.add_argument('--mnist-dir', default=None,
+                        help='directory holding the four MNIST IDX files '
+                        '(raw or .gz); default ${}, else the cache {}, else '
+                        'fetched'.format(mnist_data.ENV_DIR,
+                                         mnist_data.cache_dir()))
+    parser.add_argument('--mnist-no-verify', action='store_true',
+                        help='accept files in --mnist-dir that are not '
+                        "MNIST's own (e.g. Fashion-MNIST); fetched and "
+                        'cached files are always verified')
+    args = parser.parse_args(argv)
+
+    if args.gpu >= 0 and not chainer.backends.cuda.available:
+        parser.error('--gpu {} needs CuPy and a CUDA GPU, which this Python '
+                     'does not have (pip install -e ".[gpu]", or run on the '
+                     'CPU with --gpu -1)'.format(args.gpu))
+    if args.resume is not None and not os.path.isfile(args.resume):
+        parser.error('--resume: no such file: {}'.format(args.resume))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    matplotlib.use('Agg')  # PlotReport draws without a display
+
+    print('GPU: {}'.format(args.gpu))
+    print('# Minibatch-size: {}'.format(args.batchsize))
+    print('# epoch: {}'.format(args.epoch))
+    print('deformable: {}'.format(args.deformable))
+    print('')
+
+    if args.seed is not None:
+        # random_expand draws from Python's random; the rest from NumPy's.
+        random.seed(args.seed)
+        numpy.random.seed(args.seed)
+
+    if args.deformable:
+        predictor = DeformableConvnet(10)
+    else:
+        predictor = Convnet(10)
+    model = L.Classifier(predictor)
+    device = chainer.get_device(args.gpu)
+    device.use()
+    model.to_device(device)
+
+    optimizer = chainer.optimizers.Adam()
+    optimizer.setup(model)
+
+    try:
+        train, test = scaled_mnist.get_scaled_mnist(
+            args.mnist_dir, args.train_size, args.test_size,
+            verify=False if args.mnist_no_verify else None)
+    except (mnist_data.MNISTError, ValueError) as e:
+        raise SystemExit('error: {}'.format(e))
+
+    train_iter = chainer.iterators.SerialIterator(train, args.batchsize)
+    test_iter = chainer.iterators.SerialIterator(
+        test, args.batchsize, repeat=False, shuffle=False)
+
+    updater = training.updaters.StandardUpdater(
+        train_iter, optimizer, device=device)
+    trainer = training.Trainer(updater, (args.epoch, 'epoch'), out=args.out)
+
+    trainer.extend(extensions.Evaluator(test_iter, model, device=device))
+    trainer.extend(extensions.dump_graph('main/loss'))
+
+    # The predictor alone, named as the original README expects, for
+    # test_mnist.py; and the whole trainer, for --resume, named by kind too
+    # since both kinds write to result/ by default.
+    if args.deformable:
+        model_filename = 'model_iter_{.updater.epoch}'
+        trainer_filename = 'snapshot_deformable_{.updater.epoch}'
+    else:
+        model_filename = 'non_deformable_{.updater.epoch}'
+        trainer_filename = 'snapshot_non_deformable_{.updater.epoch}'
+    trainer.extend(extensions.snapshot_object(predictor, model_filename),
+                   trigger=(1, 'epoch'))
+    trainer.extend(extensions.snapshot(filename=trainer_filename),
+                   trigger=(1, 'epoch'))
+
+    trainer.extend(extensions.LogReport())
+    if extensions.PlotReport.available():
+        trainer.extend(extensions.PlotReport(
+            ['main/loss', 'validation/main/loss'], 'epoch',
+            file_name='loss.png'))
+        trainer.extend(extensions.PlotReport(
+            ['main/accuracy', 'validation/main/accuracy'], 'epoch',
+            file_name='accuracy.png'))
+    trainer.extend(extensions.PrintReport(
+        ['epoch', 'main/loss', 'validation/main/loss',
+         'main/accuracy', 'validation/main/accuracy', 'elapsed_time']))
+    trainer.extend(extensions.ProgressBar())
+
+    if args.resume is not None:
+        try:
+            chainer.serializers.load_npz(args.resume, trainer)
+        # A model snapshot, another model's, a non-npz file, ...
+        except (KeyError, ValueError, OSError, pickle.UnpicklingError,
+                zipfile.BadZipFile) as e:
+            raise SystemExit(
+                'error: cannot resume from {}: {}: {}\nIt must be a trainer '
+                'snapshot (snapshot_[non_]deformable_N) written by a run with '
+                'the same --deformable and --train-size.'.format(
+                    args.resume, type(e).__name__, e))
+
+    trainer.run()
+
+
+if __name__ == '__main__':
+    main()

