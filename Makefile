@@ -21,11 +21,11 @@ $(VENV)/.installed: setup.py constraints.txt
 test: venv
 	$(BIN)/python -m pytest tests
 
-# The main job: fetch MNIST, train both convnets for two short epochs on a
+# The main job: fetch MNIST, train both convnets for three short epochs on a
 # subset of scaled MNIST and draw where they look (README, "Experiments").
 # Each model gets its own directory so that both logs and plots are kept.
 DEMO_OUT := experiments/result/demo
-DEMO_FLAGS := --epoch 2 --train-size 8000 --test-size 2000 --seed 0
+DEMO_FLAGS := --epoch 3 --train-size 10000 --test-size 2000 --seed 0
 
 demo: venv
 	$(BIN)/python experiments/mnist_data.py
@@ -34,8 +34,8 @@ demo: venv
 	$(BIN)/python experiments/train_mnist.py --deformable 1 $(DEMO_FLAGS) \
 		--out $(DEMO_OUT)/deformable
 	$(BIN)/python experiments/test_mnist.py --deformable 1 \
-		--resume $(DEMO_OUT)/deformable/model_iter_2 \
-		--compare $(DEMO_OUT)/regular/non_deformable_2 \
+		--resume $(DEMO_OUT)/deformable/model_iter_3 \
+		--compare $(DEMO_OUT)/regular/non_deformable_3 \
 		--index 0 1 3 4 --out $(DEMO_OUT)/deform_vis.png
 
 bench: venv
