@@ -10,6 +10,7 @@ noisy machine. Also reports the peak memory our op allocates.
     python benchmarks/bench_sampler.py                 # op, CPU
     python benchmarks/bench_sampler.py --mode train    # training steps
     python benchmarks/bench_sampler.py --gpu 0         # op, GPU
+    DEFORMABLE_USE_NUMBA=never python benchmarks/bench_sampler.py  # pure NumPy
 """
 
 import argparse
@@ -26,6 +27,7 @@ import chainer.functions as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import deformable  # NOQA
+from deformable import _cpu  # NOQA
 
 
 # name: (batch, in_channels, out_channels, height, width, ksize, pad)
@@ -123,12 +125,21 @@ def bench_train(args, xp, synchronize):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
                                     'experiments'))
     from models import Convnet, DeformableConvnet
+
+    class BuiltinDeformableConvnet(Convnet):
+        """The deformable model with Chainer's own link, for reference."""
+
+        def _conv(self, in_channels, out_channels):
+            return chainer.links.DeformableConvolution2D(
+                in_channels, out_channels, 3, pad=1)
+
     rng = numpy.random.RandomState(0)
     x = xp.asarray(rng.uniform(0, 1, (100, 1, 28, 28)), dtype=numpy.float32)
     t = xp.asarray(rng.randint(0, 10, 100), dtype=numpy.int32)
     steps = {}
-    for name, model_class in [('regular', Convnet),
-                              ('deformable', DeformableConvnet)]:
+    for name, model_class in [
+            ('regular', Convnet), ('deformable', DeformableConvnet),
+            ('deformable, chainer built-in link', BuiltinDeformableConvnet)]:
         model = chainer.links.Classifier(model_class())
         if args.gpu >= 0:
             model.to_gpu(args.gpu)
@@ -189,8 +200,9 @@ def main():
 
         def synchronize():
             pass
-        device = '{} CPU cores, {}'.format(os.cpu_count(),
-                                           platform.processor() or 'x86_64')
+        loops = 'NumPy' if _cpu.compiled_kernels() is None else 'Numba'
+        device = '{} CPU cores, {}, {} loops'.format(
+            os.cpu_count(), platform.processor() or 'x86_64', loops)
     print('# {} mode, float32, {}; chainer {}, numpy {}; {} repeats, '
           'medians'.format(args.mode, device, chainer.__version__,
                            numpy.__version__, args.repeats))
