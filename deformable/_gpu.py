@@ -92,14 +92,18 @@ def scatter_columns(grad_columns, x_shape, offset, ksize, stride, pad):
         int k = (i / P) % K;
         int ch = i / (P * K);
         SAMPLE_POSITION(T, p, k)
-        T* image = &gx[(n * c_in + ch) * h * w];
-        T corner_weight[4] = {(1 - fy) * (1 - fx), (1 - fy) * fx,
-                              fy * (1 - fx), fy * fx};
-        for (int q = 0; q < 4; ++q) {
-            int y = y0 + q / 2;
-            int x = x0 + q % 2;
-            if (0 <= y && y < h && 0 <= x && x < w) {
-                atomicAdd(&image[y * w + x], gcol * corner_weight[q]);
+        // As on the CPU, samples with no corner in the image (NaN ones too)
+        // add nothing.
+        if (inside_y && inside_x) {
+            T* image = &gx[(n * c_in + ch) * h * w];
+            T corner_weight[4] = {(1 - fy) * (1 - fx), (1 - fy) * fx,
+                                  fy * (1 - fx), fy * fx};
+            for (int q = 0; q < 4; ++q) {
+                int y = y0 + q / 2;
+                int x = x0 + q % 2;
+                if (0 <= y && y < h && 0 <= x && x < w) {
+                    atomicAdd(&image[y * w + x], gcol * corner_weight[q]);
+                }
             }
         }
         ''', 'deformable_scatter_columns')(
