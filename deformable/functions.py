@@ -255,7 +255,8 @@ def deformable_convolution_2d_sampler(x, offset, W, b=None, stride=1, pad=0):
     gradient. Padding only shifts the sampling grid. An infinite (or huge)
     offset is simply far away: its sample is zero and the output stays
     finite. A NaN offset makes NaN every output that uses it, that is all
-    output channels at that output pixel.
+    output channels at that output pixel (as Chainer's built-in does); the
+    sample adds nothing to the gradient of ``x``.
 
     **Gradients.** ``x``, ``offset``, ``W`` and ``b`` all get gradients.
     Bilinear interpolation has kinks at integer coordinates; there the

@@ -250,6 +250,21 @@ class ExactCasesMixin(object):
         # All output channels at exactly those two output pixels.
         assert numpy.isnan(y).sum() == 2 * self.W.shape[0]
 
+    def test_nan_offset_leaves_input_gradient_finite(self, backend_config):
+        # A NaN sample has no place in the image, so it adds nothing to the
+        # gradient of x; NaN stays in its own offset gradient.
+        offset = random_offset((2, 18, 6, 5), 2, self.rng)
+        offset[1, 4, 2, 3] = numpy.nan
+        variables = [chainer.Variable(a) for a in backend_config.device.send(
+            (self.x, offset, self.W, self.b))]
+        y = deformable.deformable_convolution_2d_sampler(*variables, 1, 1)
+        F.sum(y).backward()
+        gx = backend.CpuDevice().send(variables[0].grad)
+        assert numpy.isfinite(gx).all()
+        nan_at = numpy.argwhere(numpy.isnan(
+            backend.CpuDevice().send(variables[1].grad)))
+        assert [tuple(i) for i in nan_at] == [(1, 13, 2, 3)]
+
     def test_gradients_finite_for_infinite_offsets(self, backend_config):
         offset = random_offset((2, 18, 6, 5), 2, self.rng)
         offset[:, ::4] = numpy.inf
