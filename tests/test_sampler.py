@@ -138,10 +138,11 @@ def forward_backward(function, inputs, gy, stride, pad):
     return y.array, [v.grad for v in variables]
 
 
-@testing.parameterize(*testing.product({
-    'seed': list(range(12)), 'use_numba': CPU_KERNELS}))
-class TestAgreementWithChainer(unittest.TestCase):
-    """Values and all four gradients equal Chainer's built-in, float64."""
+class AgreementMixin(object):
+    """Values and all four gradients equal Chainer's built-in, float64.
+
+    Ours runs on the backend under test; the reference on the CPU.
+    """
 
     def setUp(self):
         self.config = cpu_kernels(self.use_numba)
@@ -150,7 +151,7 @@ class TestAgreementWithChainer(unittest.TestCase):
     def tearDown(self):
         self.config.__exit__(None, None, None)
 
-    def test_agreement(self):
+    def test_agreement(self, backend_config):
         rng = numpy.random.RandomState(self.seed)
         ksize = tuple(rng.randint(1, 4, size=2))
         stride = tuple(rng.randint(1, 4, size=2))
@@ -161,14 +162,27 @@ class TestAgreementWithChainer(unittest.TestCase):
                              numpy.float64, rng, spread=max(h, w) + 2)
         gy = rng.uniform(-1, 1, (inputs[0].shape[0], inputs[2].shape[0],
                                  inputs[1].shape[2], inputs[1].shape[3]))
+        device = backend_config.device
         y, grads = forward_backward(
-            deformable.deformable_convolution_2d_sampler, inputs, gy,
-            stride, pad)
+            deformable.deformable_convolution_2d_sampler,
+            device.send(inputs), device.send(gy), stride, pad)
         y_ref, grads_ref = forward_backward(
             F.deformable_convolution_2d_sampler, inputs, gy, stride, pad)
         assert relative_error(y, y_ref) < 1e-10
         for name, g, g_ref in zip('x offset W b'.split(), grads, grads_ref):
             assert relative_error(g, g_ref) < 1e-10, name
+
+
+@testing.parameterize(*testing.product({'seed': list(range(12))}))
+@testing.inject_backend_tests(None, BACKENDS)
+class TestAgreementWithChainer(AgreementMixin, unittest.TestCase):
+    use_numba = 'never'
+
+
+@testing.parameterize(*testing.product({'seed': list(range(12))}))
+@testing.inject_backend_tests(None, [{}])
+class TestAgreementWithChainerCompiled(AgreementMixin, unittest.TestCase):
+    use_numba = 'always'
 
 
 class ExactCasesMixin(object):
