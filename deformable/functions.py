@@ -85,10 +85,6 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
             kh, kw = type_check.eval(w_type.shape[2:])
             out_h = conv.get_conv_outsize(h, kh, self.sy, self.ph)
             out_w = conv.get_conv_outsize(w, kw, self.sx, self.pw)
-            type_check.expect(
-                offset_type.shape[2] == out_h,
-                offset_type.shape[3] == out_w,
-            )
             if out_h < 1 or out_w < 1:
                 raise type_check.InvalidType(
                     'output size >= 1',
@@ -96,6 +92,10 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
                     'stride {}, pad {})'.format(
                         out_h, out_w, h, w, kh, kw, (self.sy, self.sx),
                         (self.ph, self.pw)))
+            type_check.expect(
+                offset_type.shape[2] == out_h,
+                offset_type.shape[3] == out_w,
+            )
 
     @property
     def _geometry_params(self):

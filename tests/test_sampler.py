@@ -439,6 +439,8 @@ class TestBadInput(unittest.TestCase):
         x = numpy.zeros((2, 3, 2, 2), numpy.float32)
         offset = numpy.zeros((2, 18, 0, 0), numpy.float32)
         self.check('output size is 0x0', x=x, offset=offset, pad=0)
+        # Named even when the offsets' size would not match it.
+        self.check('output size is 0x0', x=x, pad=0)
 
     def test_bad_stride_and_pad(self):
         with pytest.raises(ValueError, match='stride'):
