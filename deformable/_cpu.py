@@ -106,7 +106,6 @@ class Geometry(object):
         top_left = self.top_left[k]
         for shift, corner in zip(self.corner_shift, out):
             plane.take(top_left + shift, axis=0, out=corner, mode='clip')
-        return out
 
 
 def _axis_geometry(pos, size):

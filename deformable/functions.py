@@ -105,7 +105,7 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
         self.retain_inputs((0, 1, 2))
         x, offset, W = inputs[:3]
         dtype = _compute_dtype(x.dtype)
-        out_c, c, kh, kw = W.shape
+        out_c, _, kh, kw = W.shape
         n, _, out_h, out_w = offset.shape
         stride, pad = self._geometry_params
 

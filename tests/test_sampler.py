@@ -30,6 +30,13 @@ def cpu_kernels(use_numba):
     return chainer.using_config('deformable_use_numba', use_numba)
 
 
+def select_cpu_kernels(test_case):
+    """:func:`cpu_kernels` of ``test_case.use_numba`` for the whole test."""
+    config = cpu_kernels(test_case.use_numba)
+    config.__enter__()
+    test_case.addCleanup(config.__exit__, None, None, None)
+
+
 def output_size(size, k, s, p):
     return (size + 2 * p - k) // s + 1
 
@@ -145,11 +152,7 @@ class AgreementMixin(object):
     """
 
     def setUp(self):
-        self.config = cpu_kernels(self.use_numba)
-        self.config.__enter__()
-
-    def tearDown(self):
-        self.config.__exit__(None, None, None)
+        select_cpu_kernels(self)
 
     def test_agreement(self, backend_config):
         rng = numpy.random.RandomState(self.seed)
@@ -188,8 +191,7 @@ class TestAgreementWithChainerCompiled(AgreementMixin, unittest.TestCase):
 class ExactCasesMixin(object):
 
     def setUp(self):
-        self.config = cpu_kernels(self.use_numba)
-        self.config.__enter__()
+        select_cpu_kernels(self)
         rng = numpy.random.RandomState(0)
         self.x = rng.uniform(-1, 1, (2, 3, 6, 5))
         self.W = rng.uniform(-1, 1, (4, 3, 3, 3))
@@ -312,9 +314,6 @@ class ExactCasesMixin(object):
         assert relative_error(y, y_ref) < 1e-10
         for g, g_ref in zip(grads, grads_ref):
             assert relative_error(g, g_ref) < 1e-10
-
-    def tearDown(self):
-        self.config.__exit__(None, None, None)
 
 
 @testing.inject_backend_tests(None, BACKENDS)
