@@ -33,6 +33,37 @@ def positive_int(value):
     return number
 
 
+class RandomStates(training.Extension):
+    """Carries Python's and NumPy's global random states in trainer snapshots.
+
+    The training images are drawn from Python's ``random`` and the shuffling
+    from NumPy's, so with these restored a run resumed from a snapshot makes
+    the same updates as one that was never interrupted.
+    """
+
+    trigger = 1, 'epoch'
+
+    def __call__(self, trainer):
+        pass  # nothing to do between snapshots; see serialize
+
+    def serialize(self, serializer):
+        version, words, gauss_next = random.getstate()
+        _, keys, pos, has_gauss, cached_gaussian = numpy.random.get_state()
+        words = serializer('python_words', numpy.array(words, numpy.uint32))
+        gauss_next = serializer('python_gauss_next', numpy.nan
+                                if gauss_next is None else gauss_next)
+        keys = serializer('numpy_keys', keys)
+        pos = serializer('numpy_pos', pos)
+        has_gauss = serializer('numpy_has_gauss', has_gauss)
+        cached_gaussian = serializer('numpy_cached_gaussian', cached_gaussian)
+        if isinstance(serializer, chainer.serializer.Deserializer):
+            random.setstate((version, tuple(int(w) for w in words),
+                             None if numpy.isnan(gauss_next)
+                             else float(gauss_next)))
+            numpy.random.set_state(('MT19937', keys, int(pos),
+                                    int(has_gauss), float(cached_gaussian)))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Scaled MNIST with and without deformable convolutions')
@@ -135,6 +166,7 @@ def main(argv=None):
                    trigger=(1, 'epoch'))
     trainer.extend(extensions.snapshot(filename=trainer_filename),
                    trigger=(1, 'epoch'))
+    trainer.extend(RandomStates())
 
     trainer.extend(extensions.LogReport())
     if extensions.PlotReport.available():
