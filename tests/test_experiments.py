@@ -482,7 +482,8 @@ _TRAINER = {0: 'snapshot_non_deformable_', 1: 'snapshot_deformable_'}
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """Both models trained 1 epoch, then resumed to epoch 2."""
+    """Both models trained 1 epoch, then resumed to epoch 2; and 2 epochs
+    without a break (in ``result/{deformable}-unbroken``)."""
     tmp = tmp_path_factory.mktemp('trained')
     make_mnist(tmp / 'mnist', n_train=100, n_test=40)
     env = _env(str(tmp / 'mnist'), str(tmp / 'xdg'))
@@ -500,6 +501,8 @@ def trained(tmp_path_factory):
         second = _run(args + ['--epoch', '2', '--resume', str(
             out / str(deformable) / (_TRAINER[deformable] + '1'))], cwd, env)
         runs[deformable] = (first.stdout, log_1, second.stdout)
+        unbroken = out / '{}-unbroken'.format(deformable)
+        _run(args[:-1] + [str(unbroken), '--epoch', '2'], cwd, env)
     return tmp, env, out, runs
 
 
@@ -530,6 +533,20 @@ def test_train_writes_outputs_and_resumes(trained, deformable, prefix):
     assert ('l2/offset_conv/W' in keys) == bool(deformable)
     assert {'l1/W', 'l3/b', 'fc/W'} <= {k.replace('deform_conv/', '')
                                         for k in keys}
+
+
+@pytest.mark.parametrize('deformable, prefix', [
+    (1, 'model_iter_'), (0, 'non_deformable_')])
+def test_resumed_run_repeats_an_unbroken_one(trained, deformable, prefix):
+    # The snapshot carries the random states of the training draws and the
+    # shuffling, so the second epoch is the same update for update.
+    _, _, out, _ = trained
+    resumed = numpy.load(str(out / str(deformable) / (prefix + '2')))
+    unbroken = numpy.load(str(out / '{}-unbroken'.format(deformable) /
+                              (prefix + '2')))
+    assert sorted(resumed.files) == sorted(unbroken.files)
+    for name in resumed.files:
+        numpy.testing.assert_array_equal(resumed[name], unbroken[name], name)
 
 
 def test_visualize_side_by_side(trained):
