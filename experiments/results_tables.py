@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""The README's results tables, made from the committed training logs.
+
+    python experiments/results_tables.py            # prints the Markdown
+    python experiments/results_tables.py --readme   # puts it in README.md
+
+``results/`` holds the runs (see the README, "Results"):
+
+* ``regular/`` and ``deformable/``: the full runs (``train_mnist.py`` with its
+  default flags and ``--seed 0``): ``log``, plots and the final model;
+* ``seeds/seed<N>/regular/`` and ``seeds/seed<N>/deformable/``: the seed
+  check, shorter runs with other seeds (``log`` and plots);
+* ``machine.txt``: where they ran.
+
+``tests/test_results.py`` checks that the README shows exactly this output.
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, 'results')
+README = os.path.join(ROOT, 'README.md')
+MODELS = ('regular', 'deformable')
+FULL_EPOCHS = 20
+SEED_EPOCHS = 10  # the seed check's shorter runs
+MAIN_SEED = 0
+# Columns of train_mnist.py's PrintReport, as in the original's tables.
+COLUMNS = ('epoch', 'main/loss', 'validation/main/loss', 'main/accuracy',
+           'validation/main/accuracy', 'elapsed_time')
+# The original README's figures (20 epochs, batch 100, Adam, a GPU).
+ORIGINAL = {
+    'regular': {'final': 0.9773, 'best': 0.9797, 'best_epoch': 19,
+                'elapsed': 375.998},
+    'deformable': {'final': 0.9853, 'best': 0.9862, 'best_epoch': 18,
+                   'elapsed': 1179.27},
+}
+BEGIN = '<!-- results_tables.py: begin -->'
+END = '<!-- results_tables.py: end -->'
+
+
+def read_log(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def epoch_table(log):
+    """The log in the layout of Chainer's PrintReport (the original's)."""
+    widths = [max(10, len(column)) for column in COLUMNS]
+    lines = ['  '.join('{:{}}'.format(column, width)
+                       for column, width in zip(COLUMNS, widths))]
+    for entry in log:
+        lines.append(''.join('{:<{}g}  '.format(entry[column], width)
+                             for column, width in zip(COLUMNS, widths)))
+    return '\n'.join(line.rstrip() for line in lines)
+
+
+def accuracy(entry):
+    return entry['validation/main/accuracy']
+
+
+def best(log):
+    entry = max(log, key=accuracy)
+    return accuracy(entry), entry['epoch']
+
+
+def seed_runs(results=RESULTS):
+    """``{seed: {model: log}}`` of the seed check (a model not run yet has no
+    entry)."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(results, 'seeds', 'seed*'))):
+        seed = int(re.match(r'seed(\d+)$', os.path.basename(path)).group(1))
+        runs[seed] = {model: read_log(os.path.join(path, model, 'log'))
+                      for model in MODELS
+                      if os.path.isfile(os.path.join(path, model, 'log'))}
+    return runs
+
+
+def _fmt(value):
+    return '{:.4f}'.format(value)
+
+
+def _mean_std(values):
+    if len(values) < 2:
+        return _fmt(values[0])
+    return '{} ± {}'.format(_fmt(statistics.mean(values)),
+                            _fmt(statistics.stdev(values)))
+
+
+def markdown(results=RESULTS):
+    logs = {model: read_log(os.path.join(results, model, 'log'))
+            for model in MODELS}
+    with open(os.path.join(results, 'machine.txt')) as f:
+        machine = f.read().strip()
+    out = []
+
+    titles = {'regular': 'Results on a convnet without Deformable '
+              'Convolutions', 'deformable': 'Results on a convnet with '
+              'Deformable Convolutions'}
+    for model in MODELS:
+        out += ['#### {} (ours, seed {})'.format(titles[model], MAIN_SEED),
+                '', '```', epoch_table(logs[model]), '```', '']
+
+    out += ['#### Summary', '',
+            '| | regular (ours) | deformable (ours) | regular (original) '
+            '| deformable (original) |',
+            '|---|---|---|---|---|']
+    epochs = {model: logs[model][-1]['epoch'] for model in MODELS}
+    rows = [
+        ('epochs trained',
+         [str(epochs[model]) + ('' if epochs[model] == FULL_EPOCHS
+                                else ' of {} (in progress)'.format(
+                                    FULL_EPOCHS)) for model in MODELS],
+         [str(FULL_EPOCHS)] * 2),
+        ('validation accuracy, last epoch',
+         [_fmt(accuracy(logs[model][-1])) for model in MODELS],
+         [_fmt(ORIGINAL[model]['final']) for model in MODELS]),
+        ('best validation accuracy (epoch)',
+         ['{} ({})'.format(_fmt(best(logs[m])[0]), best(logs[m])[1])
+          for m in MODELS],
+         ['{} ({})'.format(_fmt(ORIGINAL[m]['best']),
+                           ORIGINAL[m]['best_epoch']) for m in MODELS]),
+        ('seconds per epoch',
+         ['{:.0f}'.format(logs[m][-1]['elapsed_time'] / epochs[m])
+          for m in MODELS],
+         ['{:.1f}'.format(ORIGINAL[m]['elapsed'] / FULL_EPOCHS)
+          for m in MODELS]),
+        ('machine', [machine] * 2, ['a GPU (not named)'] * 2),
+    ]
+    for name, ours, original in rows:
+        out.append('| {} | {} |'.format(name, ' | '.join(ours + original)))
+    out.append('')
+
+    seeds = seed_runs(results)
+    if seeds:
+        # The main run after SEED_EPOCHS epochs is the same as a run of
+        # SEED_EPOCHS epochs with its seed: nothing depends on the total.
+        seeds[MAIN_SEED] = {m: logs[m][:SEED_EPOCHS] for m in MODELS}
+        out += ['#### Seed check: validation accuracy after {} epochs'
+                .format(SEED_EPOCHS), '',
+                '| seed | regular | deformable | deformable - regular |',
+                '|---|---|---|---|']
+        done = {m: [] for m in MODELS + ('difference',)}
+        for seed in sorted(seeds):
+            cells = []
+            for model in MODELS:
+                log = seeds[seed].get(model, [])
+                if len(log) >= SEED_EPOCHS:
+                    done[model].append(accuracy(log[SEED_EPOCHS - 1]))
+                    cells.append(_fmt(done[model][-1]))
+                else:
+                    cells.append('epoch {} of {} (in progress)'.format(
+                        len(log), SEED_EPOCHS) if log else 'not run yet')
+            if all(len(seeds[seed].get(m, [])) >= SEED_EPOCHS
+                   for m in MODELS):
+                done['difference'].append(
+                    done['deformable'][-1] - done['regular'][-1])
+                cells.append('{:+.4f}'.format(done['difference'][-1]))
+            else:
+                cells.append('')
+            out.append('| {} | {} |'.format(seed, ' | '.join(cells)))
+        out.append('| mean ± std | {} |'.format(' | '.join(
+            '{} (n = {})'.format(_mean_std(done[k]), len(done[k]))
+            if done[k] else '' for k in MODELS + ('difference',))))
+    return '\n'.join(out).rstrip('\n')
+
+
+_BLOCK = re.compile(re.escape(BEGIN) + r'\n(.*)' + re.escape(END), re.S)
+
+
+def readme_block(readme_text):
+    """The part of the README between the markers, or None."""
+    match = _BLOCK.search(readme_text)
+    return match.group(1) if match else None
+
+
+def update_readme(path, text):
+    with open(path) as f:
+        readme = f.read()
+    if readme_block(readme) is None:
+        raise ValueError('{} lacks the lines {} and {}'.format(
+            path, BEGIN, END))
+    with open(path, 'w') as f:
+        f.write(_BLOCK.sub(lambda _: '{}\n{}\n{}'.format(BEGIN, text, END),
+                           readme))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--results', default=RESULTS,
+                        help='results directory (default: %(default)s)')
+    parser.add_argument('--readme', nargs='?', const=README, default=None,
+                        help='write the tables between the markers of this '
+                        'README instead of printing them (default: '
+                        '%(const)s)')
+    args = parser.parse_args(argv)
+    try:
+        text = markdown(args.results)
+        if args.readme is None:
+            print(text)
+        else:
+            update_readme(args.readme, text)
+    except (OSError, ValueError) as e:
+        raise SystemExit('error: {}'.format(e))
+
+
+if __name__ == '__main__':
+    main()
