@@ -21,7 +21,6 @@ import json
 import os
 import re
 import statistics
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'results')
@@ -147,20 +146,20 @@ def markdown(results=RESULTS):
                 '|---|---|---|---|']
         done = {m: [] for m in MODELS + ('difference',)}
         for seed in sorted(seeds):
-            cells = []
+            cells, finished = [], {}
             for model in MODELS:
                 log = seeds[seed].get(model, [])
                 if len(log) >= SEED_EPOCHS:
-                    done[model].append(accuracy(log[SEED_EPOCHS - 1]))
-                    cells.append(_fmt(done[model][-1]))
+                    finished[model] = accuracy(log[SEED_EPOCHS - 1])
+                    done[model].append(finished[model])
+                    cells.append(_fmt(finished[model]))
                 else:
                     cells.append('epoch {} of {} (in progress)'.format(
                         len(log), SEED_EPOCHS) if log else 'not run yet')
-            if all(len(seeds[seed].get(m, [])) >= SEED_EPOCHS
-                   for m in MODELS):
-                done['difference'].append(
-                    done['deformable'][-1] - done['regular'][-1])
-                cells.append('{:+.4f}'.format(done['difference'][-1]))
+            if len(finished) == len(MODELS):
+                difference = finished['deformable'] - finished['regular']
+                done['difference'].append(difference)
+                cells.append('{:+.4f}'.format(difference))
             else:
                 cells.append('')
             out.append('| {} | {} |'.format(seed, ' | '.join(cells)))

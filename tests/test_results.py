@@ -27,6 +27,7 @@ from models import Convnet  # NOQA: E402
 from models import DeformableConvnet  # NOQA: E402
 import results_tables  # NOQA: E402
 import scaled_mnist  # NOQA: E402
+import test_mnist  # NOQA: E402
 
 # Model class and snapshot name (train_mnist.py's) of each results folder.
 KINDS = {'regular': (Convnet, 'non_deformable_{}'),
@@ -45,9 +46,9 @@ def _snapshot(model):
 
 
 def _restored(model):
-    predictor = KINDS[model][0](10)
-    chainer.serializers.load_npz(_snapshot(model), predictor)
-    return predictor
+    # As test_mnist.py loads it, checking the kind too.
+    return test_mnist.load_model(_snapshot(model),
+                                 deformable=model == 'deformable')
 
 
 def test_readme_shows_the_committed_results():
