@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo images bench clean
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,18 @@ demo: venv
 		--resume $(DEMO_OUT)/deformable/model_iter_3 \
 		--compare $(DEMO_OUT)/regular/non_deformable_3 \
 		--index 0 1 3 4 --out $(DEMO_OUT)/deform_vis.png
+
+# The README's pictures, from the committed 20-epoch models (needs MNIST).
+VIS_INDEX := --index 0 1 3 4
+
+images: venv
+	$(BIN)/python experiments/mnist_data.py
+	$(BIN)/python experiments/test_mnist.py --deformable 1 \
+		--resume results/deformable/model_iter_20 $(VIS_INDEX) \
+		--out images/deform_vis_1.png
+	$(BIN)/python experiments/test_mnist.py --deformable 0 \
+		--resume results/regular/non_deformable_20 $(VIS_INDEX) \
+		--out images/non_deformable_vis_1.png
 
 bench: venv
 	$(BIN)/python benchmarks/bench_sampler.py

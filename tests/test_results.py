@@ -7,6 +7,7 @@ here fetches.
 
 import json
 import os
+import re
 import sys
 
 import numpy
@@ -58,6 +59,15 @@ def test_readme_shows_the_committed_results():
     assert block.strip() == results_tables.markdown().strip(), (
         'README.md is out of date: run python experiments/results_tables.py '
         '--readme')
+
+
+def test_readme_pictures_exist():
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        pictures = re.findall(r'!\[[^\]]*\]\(([^)]+)\)', f.read())
+    assert {'images/deform_vis_1.png',
+            'images/non_deformable_vis_1.png'} <= set(pictures)
+    for picture in pictures:
+        assert os.path.isfile(os.path.join(ROOT, picture)), picture
 
 
 @pytest.mark.parametrize('model', sorted(KINDS))
