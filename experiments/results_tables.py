@@ -110,6 +110,7 @@ def markdown(results=RESULTS):
             '| deformable (original) |',
             '|---|---|---|---|---|']
     epochs = {model: logs[model][-1]['epoch'] for model in MODELS}
+    bests = {model: best(logs[model]) for model in MODELS}
     rows = [
         ('epochs trained',
          [str(epochs[model]) + ('' if epochs[model] == FULL_EPOCHS
@@ -120,8 +121,7 @@ def markdown(results=RESULTS):
          [_fmt(accuracy(logs[model][-1])) for model in MODELS],
          [_fmt(ORIGINAL[model]['final']) for model in MODELS]),
         ('best validation accuracy (epoch)',
-         ['{} ({})'.format(_fmt(best(logs[m])[0]), best(logs[m])[1])
-          for m in MODELS],
+         ['{} ({})'.format(_fmt(bests[m][0]), bests[m][1]) for m in MODELS],
          ['{} ({})'.format(_fmt(ORIGINAL[m]['best']),
                            ORIGINAL[m]['best_epoch']) for m in MODELS]),
         ('seconds per epoch',
