@@ -2,10 +2,13 @@
 """Speed of our deformable sampler against references, in one process.
 
 Times ``deformable.deformable_convolution_2d_sampler``, Chainer's built-in
-``F.deformable_convolution_2d_sampler`` and ``F.convolution_2d`` (the floor)
-back to back, round-robin, and prints medians and ratios to the plain
-convolution. Ratios, not absolute times, are what carry between runs on a
-noisy machine. Also reports the peak memory our op allocates.
+``F.deformable_convolution_2d_sampler``, ``F.convolution_2d`` (the floor)
+and, where PyTorch and torchvision are installed, torchvision's
+``deform_conv2d`` back to back, round-robin, and prints medians and ratios
+to the plain convolution. Ratios, not absolute times, are what carry
+between runs on a noisy machine. Also reports the peak memory our op
+allocates (CPU). Before timing torchvision, its output and gradients are
+checked against ours, so the two compute the same thing.
 
     python benchmarks/bench_sampler.py                 # op, CPU
     python benchmarks/bench_sampler.py --mode train    # training steps
@@ -35,10 +38,11 @@ SHAPES = {
     'mnist-l2': (100, 32, 32, 28, 28, 3, 1),
     'mnist-l3': (100, 32, 32, 14, 14, 3, 1),
     'mid': (8, 64, 64, 56, 56, 3, 1),
-    'large': (32, 256, 256, 64, 64, 3, 1),
+    'large': (32, 64, 64, 64, 64, 3, 1),
+    'wide': (32, 256, 256, 64, 64, 3, 1),
 }
 CPU_SHAPES = ['mnist-l2', 'mnist-l3', 'mid']
-GPU_SHAPES = ['mnist-l2', 'mnist-l3', 'mid', 'large']
+GPU_SHAPES = ['mnist-l2', 'mnist-l3', 'mid', 'large', 'wide']
 
 
 def plain_convolution(x, offset, W, b, stride, pad):
@@ -50,6 +54,7 @@ IMPLEMENTATIONS = [
     ('ours', deformable.deformable_convolution_2d_sampler),
     ('chainer built-in', F.deformable_convolution_2d_sampler),
 ]
+TORCHVISION = 'torchvision deform_conv2d'
 
 
 def make_inputs(shape, xp, seed=0):
@@ -74,6 +79,80 @@ def make_step(function, arrays, pad, backward, synchronize):
             y.backward()
         synchronize()
     return step
+
+
+def import_torchvision(gpu):
+    """``(torch, torchvision.ops)``, or None where they are missing."""
+    try:
+        import torch
+        import torchvision.ops
+    except ImportError:
+        return None
+    if gpu >= 0 and not torch.cuda.is_available():
+        return None
+    return torch, torchvision.ops
+
+
+def to_torchvision_offset(offset, n_taps):
+    """Ours ``[dx of K taps, dy of K taps]`` -> interleaved ``(dy, dx)``."""
+    xp = chainer.backend.get_array_module(offset)
+    n, _, out_h, out_w = offset.shape
+    dx, dy = offset[:, :n_taps], offset[:, n_taps:]
+    return xp.stack((dy, dx), axis=2).reshape(n, 2 * n_taps, out_h, out_w)
+
+
+def from_torchvision_offset(offset, n_taps):
+    """Interleaved ``(dy, dx)`` -> ours ``[dx..., dy...]``."""
+    n, _, out_h, out_w = offset.shape
+    pairs = offset.reshape(n, n_taps, 2, out_h, out_w)
+    return numpy.concatenate((pairs[:, :, 1], pairs[:, :, 0]), axis=1)
+
+
+class TorchvisionStep(object):
+    """Forward (+ backward) of ``torchvision.ops.deform_conv2d`` on the
+    same data, shared with the other implementations' arrays (DLPack)."""
+
+    def __init__(self, modules, arrays, pad, synchronize):
+        torch, self.ops = modules
+        x, offset, W, b = arrays
+        n_taps = W.shape[2] * W.shape[3]
+        offset = to_torchvision_offset(offset, n_taps)
+        self.tensors = [torch.from_dlpack(a) for a in (x, offset, W, b)]
+        self.n_taps = n_taps
+        self.pad = pad
+        self.synchronize = synchronize
+
+    def run(self, backward):
+        x, offset, W, b = [t.detach().requires_grad_(backward)
+                           for t in self.tensors]
+        y = self.ops.deform_conv2d(x, offset, W, b, padding=self.pad)
+        if backward:
+            y.backward(y.detach())
+        self.synchronize()
+        return y, (x, offset, W, b)
+
+    def step(self, backward):
+        return lambda: self.run(backward)
+
+    def max_relative_errors(self, arrays, pad):
+        """Ours against torchvision: output and the four gradients."""
+        y, tensors = self.run(True)
+        y_ours, grads_ours = forward_backward_ours(arrays, pad)
+        theirs = [y] + [t.grad for t in tensors]
+        theirs = [t.detach().cpu().numpy() for t in theirs]
+        theirs[2] = from_torchvision_offset(theirs[2], self.n_taps)
+        ours = [chainer.backend.CpuDevice().send(a)
+                for a in [y_ours] + grads_ours]
+        return [float(numpy.abs(a - t).max() / numpy.abs(t).max())
+                for a, t in zip(ours, theirs)]
+
+
+def forward_backward_ours(arrays, pad):
+    variables = [chainer.Variable(a) for a in arrays]
+    y = deformable.deformable_convolution_2d_sampler(*variables, pad=pad)
+    y.grad = y.array
+    y.backward()
+    return y.array, [v.grad for v in variables]
 
 
 def median_times(steps, repeats):
@@ -102,22 +181,41 @@ def peak_memory_mib(step):
 
 def bench_op(args, xp, synchronize):
     shapes = GPU_SHAPES if args.gpu >= 0 else CPU_SHAPES
+    implementations = [(name, f) for name, f in IMPLEMENTATIONS
+                       if not (args.no_builtin and name == 'chainer built-in')]
+    torchvision = import_torchvision(args.gpu)
+    if torchvision is None:
+        print('# torchvision: not installed (or no CUDA build); skipped')
     rows = []
     for shape_name in args.shapes or shapes:
         arrays, pad = make_inputs(SHAPES[shape_name], xp)
+        reference = None
+        if torchvision is not None:
+            reference = TorchvisionStep(torchvision, arrays, pad, synchronize)
+            errors = reference.max_relative_errors(arrays, pad)
+            print('# {}: ours vs torchvision, max relative error of y, gx, '
+                  'goffset, gW, gb: {}'.format(
+                      shape_name, ' '.join('{:.1e}'.format(e)
+                                           for e in errors)))
+            if max(errors) > 1e-3:
+                raise SystemExit('ours and torchvision disagree on {}: '
+                                 'check the offset conversion'.format(
+                                     shape_name))
         for backward in (False, True):
             steps = {name: make_step(f, arrays, pad, backward, synchronize)
-                     for name, f in IMPLEMENTATIONS}
+                     for name, f in implementations}
+            if reference is not None:
+                steps[TORCHVISION] = reference.step(backward)
             medians = median_times(steps, args.repeats)
             floor = medians['F.convolution_2d']
             memory = ''
             if backward and args.gpu < 0:
                 memory = '{:.0f}'.format(peak_memory_mib(steps['ours']))
-            for name, _ in IMPLEMENTATIONS:
+            for name in steps:
                 rows.append((shape_name, 'fwd+bwd' if backward else 'fwd',
                              name, medians[name], medians[name] / floor,
                              memory if name == 'ours' else ''))
-            print_rows(rows[-len(IMPLEMENTATIONS):], header=len(rows) <= 3)
+            print_rows(rows[-len(steps):], header=len(rows) <= len(steps))
     return rows
 
 
@@ -178,6 +276,8 @@ def main():
     parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES),
                         help='op mode: shapes to run (default: all for '
                              'the device)')
+    parser.add_argument('--no-builtin', action='store_true',
+                        help="op mode: leave out Chainer's built-in (slow)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error('--repeats must be at least 1')

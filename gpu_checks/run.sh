@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU checks of this project, in one run on a GPU machine (see
+# results/gpu/README.md): the GPU tests, compute-sanitizer on extreme offsets,
+# one epoch of each convnet and the benchmark. Needs Chainer and ChainerCV's
+# Python files importable, e.g. the device kit in .devkit/ (Chainer, ChainerCV,
+# a NumPy-2 shim and MNIST; built by the team's build-kit.sh). Writes its
+# summaries to $OUT (default results/gpu); each step has its own time limit so
+# that one hang cannot eat the others' time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+OUT="${OUT:-$ROOT/results/gpu}"
+mkdir -p "$OUT"
+export PYTHONPATH="$ROOT/.devkit/site:$ROOT" PYTHONUNBUFFERED=1
+export CHAINER_WARN_VERSION_MISMATCH=0 PYTHONWARNINGS=ignore
+export DEFORMABLE_MNIST_DIR="$ROOT/.devkit/mnist"
+PY="${PYTHON:-python3}"
+GPU="${GPU:-0}"              # GPU=-1 TRAIN_FLAGS=... for a dry run on a CPU
+TRAIN_FLAGS="${TRAIN_FLAGS:-}"
+WORK="$(mktemp -d)"
+step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+
+{
+step environment
+date -u +%Y-%m-%d
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+$PY - <<'PY'
+import sys, numpy, cupy, chainer
+from chainer.backends import cuda
+print('python', sys.version.split()[0], 'numpy', numpy.__version__,
+      'cupy', cupy.__version__, 'chainer', chainer.__version__,
+      'cuda.available', cuda.available)
+print('CUDA runtime', cupy.cuda.runtime.runtimeGetVersion(),
+      'driver', cupy.cuda.runtime.driverGetVersion())
+try:
+    import torch, torchvision
+    print('torch', torch.__version__, 'torchvision', torchvision.__version__)
+except ImportError as e:
+    print('torchvision:', e)
+PY
+compute-sanitizer --version 2>&1 | tail -1
+} 2>&1 | tee "$OUT/environment.txt"
+
+step 'pytest -m gpu'
+timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu -n 4 -rfEs \
+    tests/test_sampler.py tests/test_links.py \
+    2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
+
+step 'compute-sanitizer memcheck: extreme offsets'
+timeout 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    --print-limit 10 $PY gpu_checks/memcheck_case.py > "$OUT/memcheck.txt" 2>&1
+echo "exit status $?" >> "$OUT/memcheck.txt"
+tail -4 "$OUT/memcheck.txt"
+
+for d in 1 0; do
+  step "train_mnist.py --gpu $GPU --deformable $d, one epoch $TRAIN_FLAGS"
+  (cd experiments && timeout 100 $PY train_mnist.py --gpu $GPU --deformable $d \
+      --epoch 1 --seed 0 $TRAIN_FLAGS --out "$WORK/train$d" \
+      > "$WORK/train$d.txt" 2>&1) || tail -30 "$WORK/train$d.txt"
+  # The progress bar's cursor movements out, PrintReport's lines kept.
+  sed 's/\x1b\[[0-9;]*[A-Za-z]//g' "$WORK/train$d.txt" | grep -a -E '^(epoch|1 )'
+  cp "$WORK/train$d/log" "$OUT/train-deformable$d-log.json"
+done
+
+step "benchmarks/bench_sampler.py --gpu $GPU"
+{
+  timeout 110 $PY benchmarks/bench_sampler.py --gpu $GPU --repeats 7
+  timeout 40 $PY benchmarks/bench_sampler.py --gpu $GPU --mode train --repeats 7
+} 2>&1 | tee "$OUT/bench-gpu.md"
+
+step 'compute-sanitizer memcheck: planted out-of-bounds read (must report errors)'
+timeout 60 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    --print-limit 3 $PY gpu_checks/memcheck_case.py --plant-out-of-bounds \
+    > "$WORK/planted.txt" 2>&1
+echo "exit status $?" >> "$WORK/planted.txt"
+{ echo; echo '--- the same with a planted out-of-bounds read (--plant-out-of-bounds):';
+  grep -m 12 -E 'Invalid|ERROR SUMMARY|exit status|at |Address' \
+      "$WORK/planted.txt"; } >> "$OUT/memcheck.txt"
+grep -E 'ERROR SUMMARY|exit status' "$WORK/planted.txt"
+step done
