@@ -1,0 +1,229 @@
+"""Runs the CUDA kernels of ``deformable/_gpu.py`` on the CPU (tests only).
+
+:func:`elementwise` stands in for ``chainer.backends.cuda.elementwise``: it
+takes the very strings CuPy would compile (parameters, operation, preamble),
+turns them into C++ with the semantics of CuPy's ``ElementwiseKernel`` and
+compiles them with the system C++ compiler:
+
+- a loop over ``i`` takes the place of the threads;
+- a non-raw parameter is element ``i`` of its array; a ``raw`` one is the
+  whole array, indexed flat and C-contiguous;
+- ``T`` is instantiated for float and double;
+- ``__device__`` is defined away and ``atomicAdd`` is a plain add (the loop
+  is sequential).
+
+Change a line of a kernel and what runs here changes with it: there is no
+second copy. :func:`gpu_path_on_cpu` patches this and NumPy (for CuPy) into
+the library, so that ``forward_gpu`` and the gradient's ``forward_gpu`` run
+whole on NumPy arrays, matrix products and bias included.
+
+:func:`cuda_source` wraps the same strings as CUDA for ``nvcc``, with the
+same parameter rules, so the tests can also compile them for real GPUs.
+"""
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import types
+from unittest import mock
+
+import numpy
+
+from deformable import _gpu
+from deformable import functions
+
+
+CXX = os.environ.get('CXX', 'g++')
+NVCC = os.environ.get('NVCC', 'nvcc')
+C_TYPES = {'float': numpy.float32, 'double': numpy.float64}
+_SCALARS = {'int32': ('int', ctypes.c_int32),
+            'int64': ('long long', ctypes.c_int64)}
+
+
+class Param(object):
+    """One ``ElementwiseKernel`` parameter: ``[raw] TYPE name``."""
+
+    def __init__(self, text, is_output):
+        words = text.split()
+        self.raw = words[0] == 'raw'
+        if self.raw:
+            words = words[1:]
+        self.type, self.name = words
+        self.is_output = is_output
+        if self.type != 'T' and self.type not in _SCALARS:
+            raise ValueError('unsupported parameter type: ' + text)
+        if self.type != 'T' and self.raw:
+            raise ValueError('raw scalar parameter: ' + text)
+
+    @property
+    def is_array(self):
+        return self.type == 'T'
+
+
+def parse_params(in_params, out_params):
+    """Parameters in call order: inputs, then outputs."""
+    def split(text, is_output):
+        return [Param(p.strip(), is_output) for p in text.split(',')]
+    return split(in_params, False) + split(out_params, True)
+
+
+def _function(name, params, operation, cuda):
+    """The kernel as a template over T, with its loop or thread index."""
+    signature = ['ptrdiff_t _begin', 'ptrdiff_t _size']
+    bind = []
+    for p in params:
+        if not p.is_array:
+            signature.append('const {} {}'.format(_SCALARS[p.type][0],
+                                                  p.name))
+        elif p.raw:
+            signature.append('T* {}'.format(p.name))
+        else:
+            signature.append('T* _array_{}'.format(p.name))
+            # Inputs by value, outputs by reference, as CuPy binds them.
+            bind.append('{} {} = _array_{}[i];'.format(
+                'T&' if p.is_output else 'const T', p.name, p.name))
+    if cuda:
+        head = 'template <typename T>\n__global__ void {}({})'
+        loop = ('for (ptrdiff_t i = _begin + (ptrdiff_t)blockIdx.x * '
+                'blockDim.x + threadIdx.x; i < _size; '
+                'i += (ptrdiff_t)blockDim.x * gridDim.x)')
+    else:
+        head = 'template <typename T>\nstatic void {}({})'
+        loop = 'for (ptrdiff_t i = _begin; i < _size; ++i)'
+    return '{} {{\n  {} {{\n    {}\n    {{\n{}\n    }}\n  }}\n}}\n'.format(
+        head.format(name, ', '.join(signature)), loop, '\n    '.join(bind),
+        operation)
+
+
+def _c_types(params, c_type):
+    return ['ptrdiff_t', 'ptrdiff_t'] + [
+        c_type + '*' if p.is_array else _SCALARS[p.type][0] for p in params]
+
+
+def cpu_source(in_params, out_params, operation, name, preamble):
+    """C++ for one kernel, with an ``extern "C"`` entry per T."""
+    params = parse_params(in_params, out_params)
+    parts = [
+        '#include <cmath>\n#include <cstddef>\n',
+        '#define __device__\nusing std::floor;\n',
+        '// Threads run one after the other: atomicAdd is a plain add.\n'
+        'template <typename T> T atomicAdd(T* address, T value) {\n'
+        '  T old = *address; *address = old + value; return old;\n}\n',
+        preamble,
+        _function(name, params, operation, cuda=False),
+    ]
+    for c_type in C_TYPES:
+        arguments = ['_begin', '_size'] + [p.name for p in params]
+        signature = ['{} {}'.format(t, a) for t, a in zip(
+            _c_types(params, c_type), arguments)]
+        parts.append('extern "C" void {}_{}({}) {{ {}<{}>({}); }}\n'.format(
+            name, c_type, ', '.join(signature), name, c_type,
+            ', '.join(arguments)))
+    return '\n'.join(parts)
+
+
+def cuda_source(kernels=None, preamble=None):
+    """All kernels as CUDA, instantiated for float and double."""
+    kernels = _gpu.KERNELS if kernels is None else kernels
+    preamble = _gpu.PREAMBLE if preamble is None else preamble
+    parts = ['#include <cstddef>\n', preamble]
+    for source in kernels:
+        params = parse_params(source.all_in_params, source.out_params)
+        parts.append(_function(source.name, params, source.body, cuda=True))
+        for c_type in C_TYPES:
+            parts.append('template __global__ void {}<{}>({});\n'.format(
+                source.name, c_type, ', '.join(_c_types(params, c_type))))
+    return '\n'.join(parts)
+
+
+def compiler_available(command=CXX):
+    return shutil.which(command) is not None
+
+
+_LIBRARIES = {}
+
+
+def _build(text):
+    """Compiles C++ into a shared library; cached per source text."""
+    key = hashlib.sha256(text.encode()).hexdigest()
+    if key not in _LIBRARIES:
+        directory = tempfile.mkdtemp(prefix='deformable-kernels-')
+        cpp = os.path.join(directory, 'kernel.cpp')
+        library = os.path.join(directory, 'kernel.so')
+        with open(cpp, 'w') as f:
+            f.write(text)
+        # No -ffast-math: the kernels rely on IEEE comparisons with NaN.
+        result = subprocess.run(
+            [CXX, '-O1', '-shared', '-fPIC', '-std=c++14', '-o', library,
+             cpp], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True)
+        if result.returncode:
+            raise RuntimeError('a kernel does not compile:\n' + result.stdout)
+        _LIBRARIES[key] = ctypes.CDLL(library)
+    return _LIBRARIES[key]
+
+
+class EmulatedKernel(object):
+    """Called like the ``ElementwiseKernel`` CuPy would build.
+
+    ``begin`` (tests only) runs the threads ``i`` from ``begin`` on, as if
+    the ones before it had nothing to do.
+    """
+
+    def __init__(self, in_params, out_params, operation, name, preamble=''):
+        self.name = name
+        self.params = parse_params(in_params, out_params)
+        self.library = _build(cpu_source(
+            in_params, out_params, operation, name, preamble))
+
+    def __call__(self, *args, **kwargs):
+        size = kwargs.pop('size', None)
+        begin = kwargs.pop('begin', 0)
+        if kwargs or len(args) != len(self.params):
+            raise TypeError('{}: wrong arguments'.format(self.name))
+        arrays = [a for p, a in zip(self.params, args) if p.is_array]
+        dtype = arrays[0].dtype
+        c_type = {numpy.dtype(v): k for k, v in C_TYPES.items()}[dtype]
+        elementwise = [a for p, a in zip(self.params, args)
+                       if p.is_array and not p.raw]
+        if size is None:
+            size = elementwise[0].size
+        c_args = [ctypes.c_ssize_t(begin), ctypes.c_ssize_t(size)]
+        for p, a in zip(self.params, args):
+            if p.is_array:
+                if a.dtype != dtype or not a.flags.c_contiguous:
+                    raise TypeError('{}: {} must be C-contiguous {}'.format(
+                        self.name, p.name, dtype))
+                if not p.raw and a.size != size:
+                    raise TypeError('{}: {} has {} elements, not {}'.format(
+                        self.name, p.name, a.size, size))
+                c_args.append(a.ctypes.data_as(ctypes.c_void_p))
+            else:
+                c_args.append(_SCALARS[p.type][1](a))
+        getattr(self.library, '{}_{}'.format(self.name, c_type))(*c_args)
+
+
+def elementwise(in_params, out_params, operation, name, preamble='',
+                **kwargs):
+    """Stand-in for ``chainer.backends.cuda.elementwise``."""
+    return EmulatedKernel(in_params, out_params, operation, name, preamble)
+
+
+@contextlib.contextmanager
+def gpu_path_on_cpu():
+    """Runs the op's GPU code (kernels emulated, NumPy for CuPy) for NumPy
+    inputs, everywhere Chainer would call ``forward_cpu``."""
+    fake_cuda = types.SimpleNamespace(cupy=numpy, elementwise=elementwise)
+    nodes = (functions.DeformableConvolution2DSampler,
+             functions.DeformableConvolution2DSamplerGrad)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(_gpu, 'cuda', fake_cuda))
+        stack.enter_context(mock.patch.object(functions, 'cuda', fake_cuda))
+        for node in nodes:
+            stack.enter_context(mock.patch.object(
+                node, 'forward_cpu', node.forward_gpu))
+        yield

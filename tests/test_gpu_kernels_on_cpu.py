@@ -1,0 +1,310 @@
+"""The GPU path, CUDA kernels included, run on the CPU against the NumPy path.
+
+``kernel_emulation`` compiles the kernels' own CUDA source for the CPU with
+the semantics of CuPy's ``ElementwiseKernel``, so these tests execute
+``forward_gpu`` and the gradient's ``forward_gpu`` in every CI run, where no
+GPU is. They also compile the same source for real GPUs with ``nvcc``.
+"""
+
+import os
+import re
+import subprocess
+import unittest
+from unittest import mock
+
+import numpy
+import pytest
+
+import chainer
+from chainer import testing
+
+import deformable
+from deformable import _gpu
+
+import kernel_emulation
+from test_sampler import make_inputs
+from test_sampler import random_offset
+
+
+pytestmark = pytest.mark.skipif(
+    not kernel_emulation.compiler_available(),
+    reason='needs a C++ compiler ({}) to run the CUDA kernels on the '
+           'CPU'.format(kernel_emulation.CXX))
+
+OUTPUTS = ('y', 'gx', 'goffset', 'gW', 'gb')
+
+
+def run_op(inputs, gy, stride, pad):
+    """Output and the gradients of every input."""
+    variables = [chainer.Variable(a.copy()) for a in inputs]
+    y = deformable.deformable_convolution_2d_sampler(
+        *variables, stride=stride, pad=pad)
+    y.grad = gy.copy()
+    y.backward()
+    return [y.array] + [v.grad for v in variables]
+
+
+def disagreements(inputs, gy, stride, pad, rtol):
+    """Where the GPU path on the CPU differs from the NumPy path.
+
+    NaN must appear exactly where the NumPy path puts it; elsewhere the
+    largest difference, relative to the largest value, is at most rtol.
+    """
+    expected = run_op(inputs, gy, stride, pad)
+    with kernel_emulation.gpu_path_on_cpu():
+        actual = run_op(inputs, gy, stride, pad)
+    problems = []
+    for name, a, e in zip(OUTPUTS, actual, expected):
+        if a.shape != e.shape or a.dtype != e.dtype:
+            problems.append('{}: {} {} instead of {} {}'.format(
+                name, a.shape, a.dtype, e.shape, e.dtype))
+            continue
+        nan = numpy.isnan(e)
+        if (numpy.isnan(a) != nan).any():
+            problems.append('{}: NaN in other places'.format(name))
+            continue
+        a = a[~nan].astype(numpy.float64)
+        e = e[~nan].astype(numpy.float64)
+        if not numpy.isfinite(a).all():
+            problems.append('{}: infinite values'.format(name))
+            continue
+        scale = max(numpy.abs(e).max(initial=0), 1e-300)
+        error = numpy.abs(a - e).max(initial=0) / scale
+        if error > rtol:
+            problems.append('{}: relative error {:.2e}'.format(name, error))
+    return problems
+
+
+def tolerance(dtype):
+    return {numpy.float64: 1e-12, numpy.float32: 1e-5,
+            numpy.float16: 2e-3}[dtype]
+
+
+@testing.parameterize(*(testing.product({
+    'ksize': [(1, 1), (3, 3), (2, 3)],
+    'stride': [(1, 1), (2, 3), (3, 1)],
+    'pad': [(0, 0), (1, 2), (2, 1)],
+    'dtype': [numpy.float64],
+}) + testing.product({
+    'ksize': [(3, 3), (2, 3)],
+    'stride': [(1, 1), (2, 2)],
+    'pad': [(1, 1)],
+    'dtype': [numpy.float32],
+})))
+class TestGpuPathOnCpu(unittest.TestCase):
+    """Random offsets that push samples across and out of the image."""
+
+    def test_agrees_with_numpy_path(self):
+        seed = sum(self.ksize + self.stride + self.pad)
+        rng = numpy.random.RandomState(seed)
+        n = 1 + seed % 3                          # batch 1-3
+        h, w = 6 + seed % 2, 7                    # rectangular
+        inputs = make_inputs(n, 2, 3, h, w, self.ksize, self.stride,
+                             self.pad, self.dtype, rng, spread=h,
+                             nobias=self.stride == (3, 1))
+        gy = rng.uniform(-1, 1, (n, 3) + inputs[1].shape[2:]).astype(
+            self.dtype)
+        if len(inputs) == 3:
+            inputs = inputs + (None,)
+        problems = disagreements(
+            [a for a in inputs if a is not None], gy, self.stride, self.pad,
+            tolerance(self.dtype))
+        assert not problems, problems
+
+
+def exact_case(dtype=numpy.float64, seed=0):
+    rng = numpy.random.RandomState(seed)
+    x = rng.uniform(-1, 1, (2, 3, 6, 5)).astype(dtype)
+    W = rng.uniform(-1, 1, (4, 3, 3, 3)).astype(dtype)
+    b = rng.uniform(-1, 1, (4,)).astype(dtype)
+    gy = rng.uniform(-1, 1, (2, 4, 6, 5)).astype(dtype)
+    offset = random_offset((2, 18, 6, 5), 2, rng).astype(dtype)
+    return x, offset, W, b, gy, rng
+
+
+class TestSpecialOffsets(unittest.TestCase):
+
+    def check(self, x, offset, W, b, gy):
+        problems = disagreements((x, offset, W, b), gy, 1, 1,
+                                 tolerance(x.dtype.type))
+        assert not problems, problems
+
+    def test_integer_positions(self):
+        # Exactly on pixels, on the borders and beyond: the kinks of
+        # bilinear interpolation and the forward-difference convention.
+        x, offset, W, b, gy, rng = exact_case()
+        offset = rng.randint(-7, 8, size=offset.shape).astype(numpy.float64)
+        self.check(x, offset, W, b, gy)
+
+    def test_clamping_limits(self):
+        # -1 and the far border, where clamping starts.
+        x, offset, W, b, gy, rng = exact_case()
+        grid_y = numpy.arange(6)[:, None] - 1 + numpy.repeat(
+            numpy.arange(3), 3)[:, None, None]
+        grid_x = numpy.arange(5)[None, :] - 1 + numpy.tile(
+            numpy.arange(3), 3)[:, None, None]
+        for target_y, target_x in [(-1, -1), (6, 5), (5, 4), (-1.5, 5.5)]:
+            offset[:, 9:] = target_y - grid_y
+            offset[:, :9] = target_x - grid_x
+            self.check(x, offset, W, b, gy)
+
+    def test_infinite_and_huge(self):
+        x, offset, W, b, gy, _ = exact_case()
+        offset[0, 3, 1, 2] = numpy.inf
+        offset[0, 12, 4, 4] = -numpy.inf
+        offset[1, 0, 0, 0] = 1e30
+        offset[1, 17, 5, 1] = -1e10
+        offset[1, 9:, 3] = numpy.inf
+        self.check(x, offset, W, b, gy)
+
+    def test_nan(self):
+        x, offset, W, b, gy, _ = exact_case()
+        offset[1, 4, 2, 3] = numpy.nan
+        offset[0, 10, 0, 4] = numpy.nan
+        offset[0, :, 5, 0] = numpy.nan
+        self.check(x, offset, W, b, gy)
+
+    def test_float32_and_float16(self):
+        for dtype in (numpy.float32, numpy.float16):
+            x, offset, W, b, gy, _ = exact_case(dtype)
+            offset[0, 3, 1, 2] = numpy.inf
+            offset[1, 4, 2, 3] = numpy.nan
+            self.check(x, offset, W, b, gy)
+
+
+# Bugs planted in the kernels, each of which these tests must catch:
+# (kernel constant in _gpu, old text, new text).
+PLANTED_BUGS = {
+    'swapped fraction': (
+        'SAMPLE_COLUMNS', 'col = (1 - fy) * ((1 - fx)',
+        'col = (1 - fx) * ((1 - fy)'),
+    'wrong tap decode': (
+        'PREAMBLE', '(T)(oy * sy - ph + k / kw)', '(T)(oy * sy - ph + k % kw)'),
+    'dropped corner': (
+        'SCATTER_COLUMNS', 'q < 4', 'q < 3'),
+    'offset gradient sign': (
+        'OFFSET_GRADS', 'grad_x = (1 - fy) * (s01 - s00)',
+        'grad_x = (1 - fy) * (s00 - s01)'),
+    'NaN sample scattered': (
+        'SCATTER_COLUMNS', 'if (inside_y && inside_x)', 'if (true)'),
+}
+
+
+def planted(constant, old, new):
+    """A patch of ``_gpu.<constant>`` with one piece of text replaced."""
+    value = getattr(_gpu, constant)
+    text = value if isinstance(value, str) else value.operation
+    assert text.count(old) == 1, (constant, old)
+    text = text.replace(old, new)
+    if not isinstance(value, str):
+        text = value._replace(operation=text)
+    return mock.patch.object(_gpu, constant, text)
+
+
+@testing.parameterize(*testing.product({'bug': sorted(PLANTED_BUGS)}))
+class TestPlantedBugsAreCaught(unittest.TestCase):
+
+    def test_caught(self):
+        x, offset, W, b, gy, _ = exact_case()
+        offset[1, 4, 2, 3] = numpy.nan
+        with planted(*PLANTED_BUGS[self.bug]):
+            problems = disagreements((x, offset, W, b), gy, 1, 1, 1e-12)
+        assert problems, 'planted bug not caught: ' + self.bug
+
+
+class Test64BitIndices(unittest.TestCase):
+    """Arrays of more than 2**31 elements, with indices past 2**31.
+
+    The big arrays are zeros that are never touched but for a few pages,
+    so the operating system maps them lazily: 8 GiB each of address space,
+    kilobytes of memory. Only the threads of the last channel's last rows
+    run (``begin``); they must compute what the same threads compute in a
+    one-channel problem, whose indices are small.
+    """
+
+    c, h, w = 2 ** 11 + 8, 2 ** 10, 2 ** 10     # c * h * w > 2 ** 31
+    rows = 3
+
+    def setUp(self):
+        assert self.c * self.h * self.w > 2 ** 31
+        rng = numpy.random.RandomState(0)
+        self.plane = self.h * self.w
+        self.window = self.rows * self.w
+        self.last_rows = rng.uniform(-1, 1, (self.rows + 1, self.w)).astype(
+            numpy.float32)
+        self.offset = numpy.zeros((1, 2, self.h, self.w), numpy.float32)
+        self.offset.reshape(2, -1)[:, -self.window:] = rng.uniform(
+            -1.7, 0.6, (2, self.window))
+        self.gcol = rng.uniform(-1, 1, self.window).astype(numpy.float32)
+
+    def kernel(self, source):
+        return kernel_emulation.elementwise(
+            source.all_in_params, source.out_params, source.body,
+            source.name, preamble=_gpu.PREAMBLE)
+
+    def geometry(self, c):
+        return (self.offset, self.plane, c, self.h, self.w, self.h, self.w,
+                1, 1, 1, 1, 0, 0)
+
+    def small_problem(self):
+        """The last channel alone: (x, columns, gx, goffset)."""
+        x = numpy.zeros((1, 1, self.h, self.w), numpy.float32)
+        x[0, 0, -self.rows - 1:] = self.last_rows
+        columns = numpy.zeros((1, self.plane), numpy.float32)
+        self.kernel(_gpu.SAMPLE_COLUMNS)(x, *self.geometry(1), columns)
+        gcol = numpy.zeros_like(columns)
+        gcol[0, -self.window:] = self.gcol
+        gx = numpy.zeros_like(x)
+        self.kernel(_gpu.SCATTER_COLUMNS)(gcol, *self.geometry(1), gx)
+        goffset = numpy.zeros_like(self.offset)
+        self.kernel(_gpu.OFFSET_GRADS)(x, gcol, *self.geometry(1), goffset,
+                                       size=self.plane)
+        return columns[0], gx[0, 0], goffset
+
+    def test_indices_past_2_31(self):
+        columns_1, gx_1, goffset_1 = self.small_problem()
+        c, plane, window = self.c, self.plane, self.window
+        x = numpy.zeros((1, c, self.h, self.w), numpy.float32)
+        x[0, -1, -self.rows - 1:] = self.last_rows
+        columns = numpy.zeros((c, plane), numpy.float32)
+        self.kernel(_gpu.SAMPLE_COLUMNS)(
+            x, *self.geometry(c), columns, begin=c * plane - window)
+        numpy.testing.assert_array_equal(
+            columns[-1, -window:], columns_1[-window:])
+
+        columns[-1, -window:] = self.gcol
+        goffset = numpy.zeros_like(self.offset)
+        self.kernel(_gpu.OFFSET_GRADS)(
+            x, columns, *self.geometry(c), goffset, size=plane,
+            begin=plane - window)
+        numpy.testing.assert_array_equal(goffset, goffset_1)
+        del x
+
+        gx = numpy.zeros((1, c, self.h, self.w), numpy.float32)
+        self.kernel(_gpu.SCATTER_COLUMNS)(
+            columns, *self.geometry(c), gx, begin=c * plane - window)
+        numpy.testing.assert_array_equal(gx[0, -1], gx_1)
+
+    def test_index_types_in_source(self):
+        # Every flat index that is a product of sizes is ptrdiff_t.
+        text = _gpu.PREAMBLE + ''.join(k.operation for k in _gpu.KERNELS)
+        declared = dict(
+            (name, kind) for kind, name in re.findall(
+                r'\b(int|ptrdiff_t)\s+(p|ch|n|off|plane)\b\s*=', text))
+        assert set(declared) == {'p', 'ch', 'n', 'off', 'plane'}
+        assert set(declared.values()) == {'ptrdiff_t'}, declared
+        assert 'int64 P' in _gpu.GEOMETRY_PARAMS
+
+
+@pytest.mark.skipif(not kernel_emulation.compiler_available(
+    kernel_emulation.NVCC), reason='needs nvcc (the CUDA compiler)')
+@pytest.mark.parametrize('arch', ['sm_75', 'sm_90'])
+def test_kernels_compile_for_gpus(arch, tmp_path):
+    source = tmp_path / 'kernels.cu'
+    source.write_text(kernel_emulation.cuda_source())
+    result = subprocess.run(
+        [kernel_emulation.NVCC, '-c', '-arch=' + arch, '-Werror',
+         'all-warnings', '-o', os.devnull, str(source)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        universal_newlines=True)
+    assert result.returncode == 0, result.stdout
