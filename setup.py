@@ -18,7 +18,8 @@ setup(
         # Compiled CPU loops (several times faster); used when installed.
         'fast': ['numba'],
         'gpu': ['cupy-cuda12x<14'],
-        'test': ['pytest', 'nbclient', 'nbformat', 'ipykernel'],
+        # onnx: its reference evaluator's DeformConv checks the general op.
+        'test': ['pytest', 'nbclient', 'nbformat', 'ipykernel', 'onnx'],
     },
     license='MIT',
 )

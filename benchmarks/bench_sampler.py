@@ -12,6 +12,7 @@ checked against ours, so the two compute the same thing.
 
     python benchmarks/bench_sampler.py                 # op, CPU
     python benchmarks/bench_sampler.py --mode train    # training steps
+    python benchmarks/bench_sampler.py --mode features # DCNv2 features
     python benchmarks/bench_sampler.py --gpu 0         # op, GPU
     DEFORMABLE_USE_NUMBA=never python benchmarks/bench_sampler.py  # pure NumPy
 """
@@ -219,6 +220,62 @@ def bench_op(args, xp, synchronize):
     return rows
 
 
+# The general op's features, one at a time, on mnist-l2's shape: keyword
+# arguments and the offset groups G (dilation 2 with pad 2 keeps the size).
+FEATURES = [
+    ('default', {}, 1),
+    ('dilate=2', {'dilate': 2, 'pad': 2}, 1),
+    ('groups=2', {'groups': 2}, 1),
+    ('offset groups G=4', {}, 4),
+    ('mask', {'mask': True}, 1),
+    ('all of them', {'dilate': 2, 'pad': 2, 'groups': 2, 'mask': True}, 4),
+]
+
+
+def bench_features(args, xp, synchronize):
+    """Each feature's cost relative to the default (DCNv1) op."""
+    n, c_in, c_out, h, w, k, _ = SHAPES['mnist-l2']
+    rng = numpy.random.RandomState(0)
+    rows = []
+    for backward in (False, True):
+        steps = {}
+        for name, params, n_groups in FEATURES:
+            params = dict(params)
+            groups = params.get('groups', 1)
+            arrays = [
+                rng.uniform(-1, 1, (n, c_in, h, w)),
+                rng.uniform(-2, 2, (n, 2 * n_groups * k * k, h, w)),
+                rng.uniform(-1, 1, (c_out, c_in // groups, k, k)) / numpy.sqrt(
+                    c_in // groups * k * k),
+                rng.uniform(-1, 1, (c_out,)),
+            ]
+            if params.pop('mask', False):
+                params['mask'] = xp.asarray(rng.uniform(
+                    0, 1, (n, n_groups * k * k, h, w)), dtype=numpy.float32)
+            params.setdefault('pad', 1)
+            arrays = [xp.asarray(a, dtype=numpy.float32) for a in arrays]
+            steps[name] = make_feature_step(arrays, params, backward,
+                                            synchronize)
+        medians = median_times(steps, args.repeats)
+        for name in steps:
+            rows.append(('mnist-l2', 'fwd+bwd' if backward else 'fwd', name,
+                         medians[name], medians[name] / medians['default'],
+                         ''))
+        print_rows(rows[-len(steps):], header=not backward)
+    return rows
+
+
+def make_feature_step(arrays, params, backward, synchronize):
+    def step():
+        variables = [chainer.Variable(a) for a in arrays]
+        y = deformable.deformable_convolution_2d_sampler(*variables, **params)
+        if backward:
+            y.grad = y.array
+            y.backward()
+        synchronize()
+    return step
+
+
 def bench_train(args, xp, synchronize):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
                                     'experiments'))
@@ -269,7 +326,8 @@ def print_rows(rows, header):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--mode', choices=('op', 'train'), default='op')
+    parser.add_argument('--mode', choices=('op', 'train', 'features'),
+                        default='op')
     parser.add_argument('--gpu', type=int, default=-1,
                         help='GPU id; -1 (default) for CPU')
     parser.add_argument('--repeats', type=int, default=7)
@@ -309,6 +367,8 @@ def main():
     with chainer.using_config('use_cudnn', 'auto'):
         if args.mode == 'op':
             bench_op(args, xp, synchronize)
+        elif args.mode == 'features':
+            bench_features(args, xp, synchronize)
         else:
             bench_train(args, xp, synchronize)
 

@@ -53,32 +53,42 @@ _MAX_ROUNDS = 8
 class Geometry(object):
     """Where each tap of each sample reads the bordered plane.
 
-    Arrays are ``(K, P)``: ``top_left`` is the plane row of the top-left
-    bilinear corner (the others are ``top_left + corner_shift[q]``),
-    ``weights[:, q]`` corner q's weight (``(K, 4, P)``), ``frac_y``,
-    ``frac_x`` the fractional position, ``inside_y``, ``inside_x`` mark
-    where the coordinate gradient is not cut by clamping, and
-    ``contributing`` the samples with a corner inside the image.
+    Taps are numbered ``t = g * K + k`` over the ``G`` offset groups and the
+    ``K`` kernel taps; offset group ``g`` serves the input channels
+    :meth:`channels` ``(g)``. Arrays are ``(G * K, P)``: ``top_left`` is
+    the plane row of the top-left bilinear corner (the others are
+    ``top_left + corner_shift[q]``), ``weights[:, q]`` corner q's bilinear
+    weight (``(G * K, 4, P)``), ``frac_y``, ``frac_x`` the fractional
+    position, ``inside_y``, ``inside_x`` mark where the coordinate gradient
+    is not cut by clamping, and ``contributing`` the samples with a corner
+    inside the image. With a modulation ``mask`` (``(G * K, P)``),
+    ``sample_weights`` are the bilinear weights times the mask; without one
+    they are ``weights`` itself.
     """
 
-    def __init__(self, offset, x_shape, ksize, stride, pad, dtype):
-        n, _, h, w = x_shape
+    def __init__(self, offset, x_shape, ksize, stride, pad, dtype,
+                 dilate=(1, 1), mask=None):
+        n, c, h, w = x_shape
         kh, kw = ksize
         sy, sx = stride
         ph, pw = pad
-        _, _, out_h, out_w = offset.shape
+        dy, dx = dilate
+        _, offset_channels, out_h, out_w = offset.shape
         n_taps = kh * kw
+        self.n_groups = offset_channels // (2 * n_taps)
+        self.group_channels = c // self.n_groups
+        n_total = self.n_groups * n_taps
 
         offset = offset.astype(dtype, copy=False).reshape(
-            n, 2, n_taps, out_h, out_w)
-        tap_y = numpy.repeat(numpy.arange(kh), kw).astype(dtype)
-        tap_x = numpy.tile(numpy.arange(kw), kh).astype(dtype)
+            n, self.n_groups, 2, n_taps, out_h, out_w)
+        tap_y = numpy.repeat(numpy.arange(kh) * dy, kw).astype(dtype)
+        tap_x = numpy.tile(numpy.arange(kw) * dx, kh).astype(dtype)
         grid_y = (numpy.arange(out_h) * sy - ph).astype(dtype)
         grid_x = (numpy.arange(out_w) * sx - pw).astype(dtype)
-        # (K, n, out_h, out_w)
-        pos_y = (offset[:, 1].transpose(1, 0, 2, 3)
+        # (G, K, n, out_h, out_w)
+        pos_y = (offset[:, :, 1].transpose(1, 2, 0, 3, 4)
                  + tap_y[:, None, None, None] + grid_y[:, None])
-        pos_x = (offset[:, 0].transpose(1, 0, 2, 3)
+        pos_x = (offset[:, :, 0].transpose(1, 2, 0, 3, 4)
                  + tap_x[:, None, None, None] + grid_x)
 
         row, fy, self.inside_y = _axis_geometry(pos_y, h)
@@ -87,23 +97,39 @@ class Geometry(object):
         plane_w = w + 2
         image_start = numpy.arange(n) * ((h + 2) * plane_w)
         self.top_left = (row * plane_w + col
-                         + image_start[:, None, None]).reshape(n_taps, -1)
+                         + image_start[:, None, None]).reshape(n_total, -1)
         self.row_shift = plane_w
         self.corner_shift = (0, 1, plane_w, plane_w + 1)
 
-        self.frac_y = fy = fy.reshape(n_taps, -1)
-        self.frac_x = fx = fx.reshape(n_taps, -1)
-        self.inside_y = self.inside_y.reshape(n_taps, -1)
-        self.inside_x = self.inside_x.reshape(n_taps, -1)
+        self.frac_y = fy = fy.reshape(n_total, -1)
+        self.frac_x = fx = fx.reshape(n_total, -1)
+        self.inside_y = self.inside_y.reshape(n_total, -1)
+        self.inside_x = self.inside_x.reshape(n_total, -1)
         # Samples with a corner in the image; the rest only touch the border.
         self.contributing = self.inside_y & self.inside_x
         gy = 1 - fy
         gx = 1 - fx
         self.weights = numpy.stack((gy * gx, gy * fx, fy * gx, fy * fx), 1)
+        self.mask = None
+        self.sample_weights = self.weights
+        if mask is not None:
+            self.mask = mask.astype(dtype, copy=False).reshape(
+                n, n_total, -1).transpose(1, 0, 2).reshape(n_total, -1)
+            self.sample_weights = self.weights * self.mask[:, None]
 
-    def gather_corners(self, plane, k, out):
-        """The four corners of tap k's samples into ``out`` ``(4, P, c)``."""
-        top_left = self.top_left[k]
+    def channels(self, group):
+        """The input channels that offset group ``group`` samples."""
+        if self.n_groups == 1:
+            return slice(None)
+        return slice(group * self.group_channels,
+                     (group + 1) * self.group_channels)
+
+    def gather_corners(self, plane, t, out):
+        """The four corners of tap t's samples into ``out`` ``(4, P, c)``.
+
+        ``plane`` holds the channels of tap t's offset group.
+        """
+        top_left = self.top_left[t]
         for shift, corner in zip(self.corner_shift, out):
             plane.take(top_left + shift, axis=0, out=corner, mode='clip')
 
@@ -138,90 +164,151 @@ def bordered_plane(x, dtype):
 
 
 def sample_columns(plane, geometry):
-    """Bilinear samples of every tap: ``(K, P, c)``."""
-    n_taps, n_samples = geometry.top_left.shape
+    """Bilinear (and modulated) samples of every tap: ``(K, P, c)``."""
+    n_total, n_samples = geometry.top_left.shape
+    n_taps = n_total // geometry.n_groups
     c = plane.shape[1]
     columns = numpy.empty((n_taps, n_samples, c), dtype=plane.dtype)
     kernels = compiled_kernels()
-    if kernels is not None:
-        for k in range(n_taps):
-            kernels.sample_tap(plane, geometry.top_left[k],
-                               geometry.weights[k], geometry.row_shift,
-                               columns[k])
-        return columns
-
-    corners = numpy.empty((4, n_samples, c), dtype=plane.dtype)
-    for k in range(n_taps):
-        geometry.gather_corners(plane, k, corners)
-        corners *= geometry.weights[k, :, :, None]
-        numpy.add(corners[0], corners[1], out=columns[k])
-        columns[k] += corners[2]
-        columns[k] += corners[3]
+    if kernels is None:
+        corners = numpy.empty((4, n_samples, geometry.group_channels),
+                              dtype=plane.dtype)
+    for t in range(n_total):
+        group, k = divmod(t, n_taps)
+        channels = geometry.channels(group)
+        out = columns[k][:, channels]
+        if kernels is not None:
+            kernels.sample_tap(plane[:, channels], geometry.top_left[t],
+                               geometry.sample_weights[t], geometry.row_shift,
+                               out)
+            continue
+        geometry.gather_corners(plane[:, channels], t, corners)
+        corners *= geometry.sample_weights[t, :, :, None]
+        numpy.add(corners[0], corners[1], out=out)
+        out += corners[2]
+        out += corners[3]
     return columns
 
 
-def convolve_columns(columns, weight):
-    """``sum_k columns[k] @ weight[k]``: ``(P, out_c)``."""
-    y = columns[0].dot(weight[0])
-    product = numpy.empty_like(y)
-    for k in range(1, len(columns)):
-        numpy.dot(columns[k], weight[k], out=product)
-        y += product
+def conv_groups(c, out_c, groups):
+    """``(input channels, output channels)`` slices of each group."""
+    if groups == 1:
+        return [(slice(None), slice(None))]
+    c_group, out_group = c // groups, out_c // groups
+    return [(slice(j * c_group, (j + 1) * c_group),
+             slice(j * out_group, (j + 1) * out_group))
+            for j in range(groups)]
+
+
+def convolve_columns(columns, weight, groups=1):
+    """``sum_k columns[k] @ weight[k]`` within each group: ``(P, out_c)``.
+
+    ``weight`` is ``(K, c / groups, out_c)``.
+    """
+    if groups == 1:
+        y = columns[0].dot(weight[0])
+        product = numpy.empty_like(y)
+        for k in range(1, len(columns)):
+            numpy.dot(columns[k], weight[k], out=product)
+            y += product
+        return y
+    n_samples = columns.shape[1]
+    out_c = weight.shape[2]
+    y = numpy.empty((n_samples, out_c), dtype=columns.dtype)
+    for inputs, outputs in conv_groups(columns.shape[2], out_c, groups):
+        y[:, outputs] = sum(columns[k][:, inputs].dot(weight[k][:, outputs])
+                            for k in range(len(columns)))
     return y
 
 
-def backward(plane, geometry, columns, gy, weight):
-    """Gradients w.r.t. the plane, the coordinates and the weight.
+def backward(plane, geometry, columns, gy, weight, groups=1):
+    """Gradients w.r.t. the plane, the coordinates, the weight and the mask.
 
     Args:
         plane: ``(R, c)`` bordered input.
         columns: ``(K, P, c)`` from :func:`sample_columns`.
         gy: ``(P, out_c)`` output gradient in sample order.
-        weight: ``(K, c, out_c)``.
+        weight: ``(K, c / groups, out_c)``.
+        groups: Convolution groups.
 
     Returns:
-        ``(grad_plane (R, c), grad_y (K, P), grad_x (K, P),
-        grad_weight (K, c, out_c))``.
+        ``(grad_plane (R, c), grad_y (G*K, P), grad_x (G*K, P),
+        grad_weight (K, c / groups, out_c), grad_mask (G*K, P) or None)``.
     """
-    n_taps, n_samples = geometry.top_left.shape
+    n_total, n_samples = geometry.top_left.shape
+    n_taps = len(columns)
     c = plane.shape[1]
     dtype = plane.dtype
+    with_mask = geometry.mask is not None
     grad_plane = numpy.zeros_like(plane)
-    grad_y = numpy.empty((n_taps, n_samples), dtype=dtype)
-    grad_x = numpy.empty((n_taps, n_samples), dtype=dtype)
+    grad_y = numpy.empty((n_total, n_samples), dtype=dtype)
+    grad_x = numpy.empty((n_total, n_samples), dtype=dtype)
+    grad_mask = numpy.empty((n_total, n_samples), dtype=dtype) \
+        if with_mask else None
     grad_weight = numpy.empty(weight.shape, dtype=dtype)
     grad_column = numpy.empty((n_samples, c), dtype=dtype)
+    groups_of_channels = conv_groups(c, gy.shape[1], groups)
     kernels = compiled_kernels()
     if kernels is None:
-        corners = numpy.empty((4, n_samples, c), dtype=dtype)
+        corners = numpy.empty((4, n_samples, geometry.group_channels),
+                              dtype=dtype)
     for k in range(n_taps):
-        numpy.dot(columns[k].T, gy, out=grad_weight[k])
-        numpy.dot(gy, weight[k].T, out=grad_column)
-        if kernels is not None:
-            kernels.backward_tap(
-                plane, geometry.top_left[k], geometry.weights[k],
-                geometry.frac_y[k], geometry.frac_x[k],
-                geometry.contributing[k], geometry.row_shift, grad_column,
-                grad_plane, grad_y[k], grad_x[k])
-            continue
-
-        # With s_q = <grad column, corner q>, bilinear interpolation gives
-        # d/dy = (1 - fx)(s10 - s00) + fx (s11 - s01), and d/dx likewise.
-        geometry.gather_corners(plane, k, corners)
-        s00, s01, s10, s11 = numpy.einsum('qpc,pc->qp', corners, grad_column)
-        fy = geometry.frac_y[k]
-        fx = geometry.frac_x[k]
-        grad_y[k] = (1 - fx) * (s10 - s00) + fx * (s11 - s01)
-        grad_x[k] = (1 - fy) * (s01 - s00) + fy * (s11 - s10)
-        _scatter_tap(grad_plane, grad_column, geometry, k)
+        if groups == 1:
+            numpy.dot(columns[k].T, gy, out=grad_weight[k])
+            numpy.dot(gy, weight[k].T, out=grad_column)
+        else:
+            for inputs, outputs in groups_of_channels:
+                grad_weight[k][:, outputs] = columns[k][:, inputs].T.dot(
+                    gy[:, outputs])
+                grad_column[:, inputs] = gy[:, outputs].dot(
+                    weight[k][:, outputs].T)
+        for group in range(geometry.n_groups):
+            t = group * n_taps + k
+            channels = geometry.channels(group)
+            _backward_tap(kernels, plane[:, channels], geometry, t,
+                          grad_column[:, channels], grad_plane[:, channels],
+                          grad_y[t], grad_x[t],
+                          grad_mask[t] if with_mask else None,
+                          corners if kernels is None else None)
     # Multiplying (not masking) keeps NaN where a fraction was NaN.
     grad_y *= geometry.inside_y
     grad_x *= geometry.inside_x
-    return grad_plane, grad_y, grad_x, grad_weight
+    if with_mask:
+        grad_y *= geometry.mask
+        grad_x *= geometry.mask
+    return grad_plane, grad_y, grad_x, grad_weight, grad_mask
 
 
-def _scatter_tap(grad_plane, grad_column, geometry, k):
-    """Adds tap k's column gradient to the four corners of its samples.
+def _backward_tap(kernels, plane, geometry, t, grad_column, grad_plane,
+                  grad_y, grad_x, grad_mask, corners):
+    """Tap t's coordinate (and mask) gradients and its adjoint scatter."""
+    if kernels is not None:
+        with_mask = grad_mask is not None
+        kernels.backward_tap(
+            plane, geometry.top_left[t], geometry.sample_weights[t],
+            geometry.weights[t], geometry.frac_y[t], geometry.frac_x[t],
+            geometry.contributing[t], geometry.row_shift, grad_column,
+            grad_plane, grad_y, grad_x,
+            grad_mask if with_mask else grad_y, with_mask)
+        return
+
+    # With s_q = <grad column, corner q>, bilinear interpolation gives
+    # d/dy = (1 - fx)(s10 - s00) + fx (s11 - s01), and d/dx likewise; the
+    # mask's gradient is the unmodulated sample, sum_q weight_q s_q.
+    geometry.gather_corners(plane, t, corners)
+    s00, s01, s10, s11 = numpy.einsum('qpc,pc->qp', corners, grad_column)
+    fy = geometry.frac_y[t]
+    fx = geometry.frac_x[t]
+    grad_y[...] = (1 - fx) * (s10 - s00) + fx * (s11 - s01)
+    grad_x[...] = (1 - fy) * (s01 - s00) + fy * (s11 - s10)
+    if grad_mask is not None:
+        w00, w01, w10, w11 = geometry.weights[t]
+        grad_mask[...] = w00 * s00 + w01 * s01 + w10 * s10 + w11 * s11
+    _scatter_tap(grad_plane, grad_column, geometry, t)
+
+
+def _scatter_tap(grad_plane, grad_column, geometry, t):
+    """Adds tap t's column gradient to the four corners of its samples.
 
     NumPy 1.23 has no fast scatter-add (``numpy.add.at`` is per element).
     Samples are sorted by target row; round r adds the r-th sample of every
@@ -230,8 +317,8 @@ def _scatter_tap(grad_plane, grad_column, geometry, k):
     get the rest as a segmented sum. Samples entirely outside the image are
     skipped: all their weight is on the border, which is cropped.
     """
-    contributing = numpy.flatnonzero(geometry.contributing[k])
-    targets = geometry.top_left[k, contributing]
+    contributing = numpy.flatnonzero(geometry.contributing[t])
+    targets = geometry.top_left[t, contributing]
     order = numpy.argsort(targets, kind='stable')
     sorted_targets = targets[order]
     run_start = numpy.flatnonzero(numpy.concatenate(
@@ -239,8 +326,8 @@ def _scatter_tap(grad_plane, grad_column, geometry, k):
     run_length = numpy.diff(numpy.append(run_start, len(order)))
 
     samples_by_target = contributing[order]
-    top_left = geometry.top_left[k]
-    weights = geometry.weights[k]
+    top_left = geometry.top_left[t]
+    weights = geometry.sample_weights[t]
     for r in range(_MAX_ROUNDS):
         alive = run_length > r
         run_start, run_length = run_start[alive], run_length[alive]

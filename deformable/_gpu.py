@@ -1,10 +1,13 @@
 """CuPy kernels for deformable-convolution sampling.
 
-Columns are laid out ``(c * K, P)`` (``P = n * out_h * out_w``) so that
-neighbouring threads read neighbouring output pixels, and the weight matrix
-is ``(out_c, c * K)``. The sampling rules are the CPU path's (see
-``_cpu._axis_geometry``): positions clamped to ``[-1, size]``, floor capped
-at ``size - 1``, NaN kept in the fraction, forward difference at integers.
+Columns are laid out ``(c * K, P)`` (``P = n * out_h * out_w``, channel
+major, so a convolution group's rows are contiguous), and the weight matrix
+is ``(out_c, c / groups * K)``. Each thread handles one (offset group, tap,
+sample): it finds where the sample falls once and loops over the group's
+channels, and neighbouring threads touch neighbouring output pixels. The
+sampling rules are the CPU path's (see ``_cpu._axis_geometry``): positions
+clamped to ``[-1, size]``, floor capped at ``size - 1``, NaN kept in the
+fraction, forward difference at integers.
 
 Each kernel's CUDA source is defined once here (:data:`PREAMBLE` and the
 :class:`KernelSource` constants) and compiled by CuPy as it stands; the
@@ -36,25 +39,37 @@ __device__ T pixel(const T* image, int h, int w, int y, int x) {
     return (0 <= y && y < h && 0 <= x && x < w) ? image[y * w + x] : (T)0;
 }
 
-// Decodes sample p and tap k, and finds their position in the image.
-#define SAMPLE_POSITION(T, p, k)                                          \
-    const int ox = p % out_w;                                             \
-    const int oy = (p / out_w) % out_h;                                   \
-    const ptrdiff_t n = p / ((ptrdiff_t)out_w * out_h);                   \
-    const ptrdiff_t plane = (ptrdiff_t)out_h * out_w;                     \
-    const ptrdiff_t off = (n * 2 * K + k) * plane + oy * out_w + ox;      \
-    const T pos_x = offset[off] + (T)(ox * sx - pw + k % kw);             \
-    const T pos_y = offset[off + K * plane] + (T)(oy * sy - ph + k / kw); \
-    T fy, fx;                                                             \
-    bool inside_y, inside_x;                                              \
-    const int y0 = axis_geometry(pos_y, h, &fy, &inside_y);               \
-    const int x0 = axis_geometry(pos_x, w, &fx, &inside_x);
+// One thread per (offset group, tap, sample) i: decodes them, finds where
+// the sample falls and its modulation m, and the group's channels.
+#define SAMPLE_POSITION(T)                                                 \
+    const ptrdiff_t p = i % P;                                             \
+    const int k = (i / P) % K;                                             \
+    const int group = (i / P) / K;                                         \
+    const int ox = p % out_w;                                              \
+    const int oy = (p / out_w) % out_h;                                    \
+    const ptrdiff_t n = p / ((ptrdiff_t)out_w * out_h);                    \
+    const ptrdiff_t plane = (ptrdiff_t)out_h * out_w;                      \
+    const ptrdiff_t n_group = n * G + group;                               \
+    const ptrdiff_t off = (n_group * 2 * K + k) * plane + oy * out_w + ox; \
+    const ptrdiff_t mask_at = (n_group * K + k) * plane + oy * out_w + ox; \
+    const T pos_x = offset[off] + (T)(ox * sx - pw + k % kw * dil_x);      \
+    const T pos_y = offset[off + K * plane]                                \
+                    + (T)(oy * sy - ph + k / kw * dil_y);                  \
+    const T m = has_mask ? mask[mask_at] : (T)1;                           \
+    T fy, fx;                                                              \
+    bool inside_y, inside_x;                                               \
+    const int y0 = axis_geometry(pos_y, h, &fy, &inside_y);                \
+    const int x0 = axis_geometry(pos_x, w, &fx, &inside_x);                \
+    const int group_channels = c_in / G;                                   \
+    const ptrdiff_t first_channel = (ptrdiff_t)group * group_channels;
 '''
 
-# Sizes and geometry, the trailing parameters of every kernel.
-GEOMETRY_PARAMS = ('raw T offset, int64 P, int32 c_in, int32 h, int32 w, '
-                   'int32 out_h, int32 out_w, int32 kh, int32 kw, '
-                   'int32 sy, int32 sx, int32 ph, int32 pw')
+# Sizes and geometry, the trailing parameters of every kernel. Without a
+# mask, has_mask is 0 and mask is any array (never read).
+GEOMETRY_PARAMS = ('raw T offset, raw T mask, int32 has_mask, int64 P, '
+                   'int32 c_in, int32 h, int32 w, int32 out_h, int32 out_w, '
+                   'int32 kh, int32 kw, int32 sy, int32 sx, int32 ph, '
+                   'int32 pw, int32 dil_y, int32 dil_x, int32 G')
 
 
 class KernelSource(collections.namedtuple(
@@ -70,53 +85,57 @@ class KernelSource(collections.namedtuple(
         return 'const int K = kh * kw;\n' + self.operation
 
 
-# One thread per (channel, tap, sample) writes one column entry.
+# Each thread writes its sample of every channel of its offset group:
+# neighbouring threads write neighbouring entries of a column row.
 SAMPLE_COLUMNS = KernelSource(
-    'deformable_sample_columns', 'raw T x', 'T col', r'''
-    const ptrdiff_t p = i % P;
-    const int k = (i / P) % K;
-    const ptrdiff_t ch = i / (P * K);
-    SAMPLE_POSITION(T, p, k)
-    const T* image = &x[(n * c_in + ch) * h * w];
-    col = (1 - fy) * ((1 - fx) * pixel(image, h, w, y0, x0)
-                      + fx * pixel(image, h, w, y0, x0 + 1))
-          + fy * ((1 - fx) * pixel(image, h, w, y0 + 1, x0)
-                  + fx * pixel(image, h, w, y0 + 1, x0 + 1));
+    'deformable_sample_columns', 'raw T x', 'raw T col', r'''
+    SAMPLE_POSITION(T)
+    for (ptrdiff_t ch = first_channel; ch < first_channel + group_channels;
+         ++ch) {
+        const T* image = &x[(n * c_in + ch) * h * w];
+        col[(ch * K + k) * P + p] =
+            m * ((1 - fy) * ((1 - fx) * pixel(image, h, w, y0, x0)
+                             + fx * pixel(image, h, w, y0, x0 + 1))
+                 + fy * ((1 - fx) * pixel(image, h, w, y0 + 1, x0)
+                         + fx * pixel(image, h, w, y0 + 1, x0 + 1)));
+    }
     ''')
 
-# The adjoint of SAMPLE_COLUMNS: one thread per column entry adds it to its
-# four corners.
+# The adjoint of SAMPLE_COLUMNS: each thread adds its column entries to
+# their four corners.
 SCATTER_COLUMNS = KernelSource(
-    'deformable_scatter_columns', 'T gcol', 'raw T gx', r'''
-    const ptrdiff_t p = i % P;
-    const int k = (i / P) % K;
-    const ptrdiff_t ch = i / (P * K);
-    SAMPLE_POSITION(T, p, k)
+    'deformable_scatter_columns', 'raw T gcol', 'raw T gx', r'''
+    SAMPLE_POSITION(T)
     // As on the CPU, samples with no corner in the image (NaN ones too)
     // add nothing.
     if (inside_y && inside_x) {
-        T* image = &gx[(n * c_in + ch) * h * w];
-        const T corner_weight[4] = {(1 - fy) * (1 - fx), (1 - fy) * fx,
-                                    fy * (1 - fx), fy * fx};
-        for (int q = 0; q < 4; ++q) {
-            const int y = y0 + q / 2;
-            const int x = x0 + q % 2;
-            if (0 <= y && y < h && 0 <= x && x < w) {
-                atomicAdd(&image[y * w + x], gcol * corner_weight[q]);
+        const T corner_weight[4] = {
+            (1 - fy) * (1 - fx) * m, (1 - fy) * fx * m,
+            fy * (1 - fx) * m, fy * fx * m};
+        for (ptrdiff_t ch = first_channel;
+             ch < first_channel + group_channels; ++ch) {
+            T* image = &gx[(n * c_in + ch) * h * w];
+            const T g = gcol[(ch * K + k) * P + p];
+            for (int q = 0; q < 4; ++q) {
+                const int y = y0 + q / 2;
+                const int x = x0 + q % 2;
+                if (0 <= y && y < h && 0 <= x && x < w) {
+                    atomicAdd(&image[y * w + x], g * corner_weight[q]);
+                }
             }
         }
     }
     ''')
 
-# One thread per (tap, sample) sums over channels and writes both of its
-# offset gradients.
+# Each thread sums over its group's channels and writes both of its offset
+# gradients and, with a mask, the mask's gradient (the unmodulated sample).
 OFFSET_GRADS = KernelSource(
-    'deformable_offset_grads', 'raw T x, raw T gcol', 'raw T goffset', r'''
-    const ptrdiff_t p = i % P;
-    const int k = i / P;
-    SAMPLE_POSITION(T, p, k)
+    'deformable_offset_grads', 'raw T x, raw T gcol',
+    'raw T goffset, raw T gmask', r'''
+    SAMPLE_POSITION(T)
     T s00 = 0, s01 = 0, s10 = 0, s11 = 0;
-    for (ptrdiff_t ch = 0; ch < c_in; ++ch) {
+    for (ptrdiff_t ch = first_channel; ch < first_channel + group_channels;
+         ++ch) {
         const T* image = &x[(n * c_in + ch) * h * w];
         const T g = gcol[(ch * K + k) * P + p];
         s00 += g * pixel(image, h, w, y0, x0);
@@ -127,8 +146,12 @@ OFFSET_GRADS = KernelSource(
     const T grad_y = (1 - fx) * (s10 - s00) + fx * (s11 - s01);
     const T grad_x = (1 - fy) * (s01 - s00) + fy * (s11 - s10);
     // Multiplying (not branching) keeps NaN from a NaN fraction.
-    goffset[off] = grad_x * (T)inside_x;
-    goffset[off + K * plane] = grad_y * (T)inside_y;
+    goffset[off] = grad_x * (T)inside_x * m;
+    goffset[off + K * plane] = grad_y * (T)inside_y * m;
+    if (has_mask) {
+        gmask[mask_at] = (1 - fy) * (1 - fx) * s00 + (1 - fy) * fx * s01
+                         + fy * (1 - fx) * s10 + fy * fx * s11;
+    }
     ''')
 
 KERNELS = (SAMPLE_COLUMNS, SCATTER_COLUMNS, OFFSET_GRADS)
@@ -139,39 +162,44 @@ def _kernel(source):
                             source.body, source.name, preamble=PREAMBLE)
 
 
-def _geometry_args(x_shape, offset, ksize, stride, pad):
-    n, c, h, w = x_shape
-    _, _, out_h, out_w = offset.shape
-    return ((offset, n * out_h * out_w, c, h, w, out_h, out_w)
-            + tuple(ksize) + tuple(stride) + tuple(pad))
+class KernelArgs(object):
+    """The sizes and geometry arguments the kernels share."""
+
+    def __init__(self, x_shape, offset, mask, ksize, stride, pad, dilate):
+        n, c, h, w = x_shape
+        _, offset_channels, out_h, out_w = offset.shape
+        n_taps = ksize[0] * ksize[1]
+        self.n_groups = offset_channels // (2 * n_taps)
+        self.n_samples = n * out_h * out_w
+        self.n_threads = self.n_groups * n_taps * self.n_samples
+        self.columns_shape = (c * n_taps, self.n_samples)
+        self.args = ((offset, offset if mask is None else mask,
+                      int(mask is not None), self.n_samples, c, h, w,
+                      out_h, out_w) + tuple(ksize) + tuple(stride)
+                     + tuple(pad) + tuple(dilate) + (self.n_groups,))
 
 
-def sample_columns(x, offset, ksize, stride, pad):
-    """Bilinear samples, ``(c * K, P)``."""
-    n, c, _, _ = x.shape
-    _, _, out_h, out_w = offset.shape
-    columns = cuda.cupy.empty(
-        (c * ksize[0] * ksize[1], n * out_h * out_w), dtype=x.dtype)
-    _kernel(SAMPLE_COLUMNS)(
-        x, *_geometry_args(x.shape, offset, ksize, stride, pad), columns)
+def sample_columns(x, kernel_args):
+    """Bilinear (and modulated) samples, ``(c * K, P)``."""
+    columns = cuda.cupy.empty(kernel_args.columns_shape, dtype=x.dtype)
+    _kernel(SAMPLE_COLUMNS)(x, *kernel_args.args, columns,
+                            size=kernel_args.n_threads)
     return columns
 
 
-def scatter_columns(grad_columns, x_shape, offset, ksize, stride, pad):
+def scatter_columns(grad_columns, x_shape, kernel_args):
     """Adjoint of :func:`sample_columns` with atomicAdd: ``(n, c, h, w)``."""
     grad_x = cuda.cupy.zeros(x_shape, dtype=grad_columns.dtype)
-    _kernel(SCATTER_COLUMNS)(
-        grad_columns, *_geometry_args(x_shape, offset, ksize, stride, pad),
-        grad_x)
+    _kernel(SCATTER_COLUMNS)(grad_columns, *kernel_args.args, grad_x,
+                             size=kernel_args.n_threads)
     return grad_x
 
 
-def offset_grads(x, grad_columns, offset, ksize, stride, pad):
-    """Gradient w.r.t. ``offset``: ``(n, 2K, out_h, out_w)``."""
-    n, _, _, _ = x.shape
-    _, _, out_h, out_w = offset.shape
+def offset_grads(x, grad_columns, offset, mask, kernel_args):
+    """Gradients w.r.t. ``offset`` and ``mask`` (None without one)."""
     grad_offset = cuda.cupy.empty_like(offset)
-    _kernel(OFFSET_GRADS)(
-        x, grad_columns, *_geometry_args(x.shape, offset, ksize, stride, pad),
-        grad_offset, size=n * out_h * out_w * ksize[0] * ksize[1])
-    return grad_offset
+    # Without a mask nothing is written to the placeholder.
+    grad_mask = cuda.cupy.empty_like(mask if mask is not None else offset[:0])
+    _kernel(OFFSET_GRADS)(x, grad_columns, *kernel_args.args, grad_offset,
+                          grad_mask, size=kernel_args.n_threads)
+    return grad_offset, (grad_mask if mask is not None else None)

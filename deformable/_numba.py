@@ -28,12 +28,15 @@ def sample_tap(plane, top_left, weights, row_shift, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def backward_tap(plane, top_left, weights, frac_y, frac_x, contributing,
-                 row_shift, grad_column, grad_plane, grad_y, grad_x):
-    """One tap's coordinate gradients and its adjoint scatter.
+def backward_tap(plane, top_left, scatter_weights, weights, frac_y, frac_x,
+                 contributing, row_shift, grad_column, grad_plane, grad_y,
+                 grad_x, grad_mask, with_mask):
+    """One tap's coordinate (and mask) gradients and its adjoint scatter.
 
     ``grad_y``/``grad_x`` get ``d/dy = (1 - fx)(s10 - s00) + fx (s11 - s01)``
-    and its mirror, with ``s_q = <grad column, corner q>``.
+    and its mirror, with ``s_q = <grad column, corner q>``; ``grad_mask``,
+    if ``with_mask``, the unmodulated sample ``sum_q weights[q] s_q``. The
+    scatter adds ``scatter_weights[q] * grad column`` to corner q.
     """
     n_samples, c = grad_column.shape
     for p in range(n_samples):
@@ -50,11 +53,14 @@ def backward_tap(plane, top_left, weights, frac_y, frac_x, contributing,
         fx = frac_x[p]
         grad_y[p] = (1 - fx) * (s10 - s00) + fx * (s11 - s01)
         grad_x[p] = (1 - fy) * (s01 - s00) + fy * (s11 - s10)
+        if with_mask:
+            grad_mask[p] = (weights[0, p] * s00 + weights[1, p] * s01
+                            + weights[2, p] * s10 + weights[3, p] * s11)
         if contributing[p]:
-            w00 = weights[0, p]
-            w01 = weights[1, p]
-            w10 = weights[2, p]
-            w11 = weights[3, p]
+            w00 = scatter_weights[0, p]
+            w01 = scatter_weights[1, p]
+            w10 = scatter_weights[2, p]
+            w11 = scatter_weights[3, p]
             for ch in range(c):
                 g = grad_column[p, ch]
                 grad_plane[t, ch] += w00 * g

@@ -3,6 +3,7 @@
 import chainer
 from chainer import initializers
 from chainer import link
+import chainer.functions
 import chainer.links
 
 from deformable import functions
@@ -15,8 +16,10 @@ class DeformableConvolution2DSampler(link.Link):
         in_channels (int or None): Input channels; ``None`` defers
             initialization of ``W`` to the first call.
         out_channels (int): Output channels.
-        ksize, stride, pad (int or pair of ints): As in
+        ksize, stride, pad, dilate (int or pair of ints): As in
             :func:`~deformable.deformable_convolution_2d_sampler`.
+        groups (int): Convolution groups; ``W`` is ``(out_channels,
+            in_channels / groups, kh, kw)``.
         nobias (bool): If ``True``, no bias.
         initialW: Initializer of ``W``; ``None`` is Chainer's default
             convolution initializer (LeCun normal).
@@ -24,11 +27,14 @@ class DeformableConvolution2DSampler(link.Link):
     """
 
     def __init__(self, in_channels, out_channels, ksize, stride=1, pad=0,
-                 nobias=False, initialW=None, initial_bias=None):
+                 nobias=False, initialW=None, initial_bias=None, dilate=1,
+                 groups=1):
         super(DeformableConvolution2DSampler, self).__init__()
         self.ksize = functions._pair(ksize)
         self.stride = functions._pair(stride)
         self.pad = functions._pair(pad)
+        self.dilate = functions._pair(dilate)
+        self.groups = int(groups)
         self.out_channels = out_channels
         with self.init_scope():
             self.W = chainer.Parameter(initializers._get_initializer(initialW))
@@ -44,27 +50,40 @@ class DeformableConvolution2DSampler(link.Link):
                     out_channels)
 
     def _initialize_params(self, in_channels):
-        self.W.initialize((self.out_channels, in_channels) + self.ksize)
+        if in_channels % self.groups:
+            raise ValueError(
+                'groups={} does not divide the {} input channels'.format(
+                    self.groups, in_channels))
+        self.W.initialize((self.out_channels, in_channels // self.groups)
+                          + self.ksize)
 
-    def forward(self, x, offset):
+    def forward(self, x, offset, mask=None):
+        """Samples ``x`` at ``offset`` (modulated by ``mask``), convolves."""
         if self.W.array is None:
             self._initialize_params(x.shape[1])
         return functions.deformable_convolution_2d_sampler(
-            x, offset, self.W, self.b, self.stride, self.pad)
+            x, offset, self.W, self.b, self.stride, self.pad, self.dilate,
+            self.groups, mask)
 
 
 class DeformableConvolution2D(link.Chain):
     """Two-dimensional deformable convolution layer (Dai et al., 2017).
 
     A plain convolution ``offset_conv`` predicts, for every output pixel,
-    ``2 * kh * kw`` offsets (layout in
+    ``2 * G * kh * kw`` offsets (``G = offset_groups``; layout in
     :func:`~deformable.deformable_convolution_2d_sampler`), and
     ``deform_conv`` convolves the input sampled at the offset positions.
 
-    **Initialization follows the paper**: ``offset_conv`` starts at zero
+    With ``modulated=True`` this is DCNv2's modulated deformable
+    convolution (Zhu et al., 2019): ``offset_conv`` predicts ``3 * G * kh *
+    kw`` channels, the offsets and then the logits of the modulation mask,
+    and each sample is multiplied by ``sigmoid(logit)``.
+
+    **Initialization follows the papers**: ``offset_conv`` starts at zero
     (weights and bias), so a fresh layer is exactly a plain convolution
-    and learns to deform from there; ``deform_conv.W`` uses Chainer's
-    default convolution initializer and ``deform_conv.b`` starts at zero.
+    (scaled by 0.5 when modulated, ``sigmoid(0)``) and learns to deform
+    from there; ``deform_conv.W`` uses Chainer's default convolution
+    initializer and ``deform_conv.b`` starts at zero.
     ``chainer.links.DeformableConvolution2D`` does the reverse (main weights
     zero, offset conv random), which with its defaults gives the offset conv
     zero gradient on the first step. Parameter names are the same as
@@ -87,28 +106,56 @@ class DeformableConvolution2D(link.Chain):
             Chainer's default.
         deform_initial_bias: Initializer of ``deform_conv.b``; ``None`` is
             zero.
+        dilate (int or pair of ints): Dilation of both convolutions.
+        groups (int): Convolution groups of ``deform_conv``.
+        offset_groups (int): Offset groups ``G``: input channels ``[g *
+            c_in / G, (g + 1) * c_in / G)`` are sampled with the offsets
+            (and mask) of group ``g``.
+        modulated (bool): DCNv2's modulation mask.
     """
 
     def __init__(self, in_channels, out_channels, ksize, stride=1, pad=0,
                  offset_nobias=False, offset_initialW=None,
                  offset_initial_bias=None, deform_nobias=False,
-                 deform_initialW=None, deform_initial_bias=None):
+                 deform_initialW=None, deform_initial_bias=None, dilate=1,
+                 groups=1, offset_groups=1, modulated=False):
         super(DeformableConvolution2D, self).__init__()
         kh, kw = functions._pair(ksize)
+        if offset_groups < 1:
+            raise ValueError('offset_groups must be positive, got {}'.format(
+                offset_groups))
+        if in_channels is not None and in_channels % offset_groups:
+            raise ValueError(
+                'offset_groups={} does not divide the {} input '
+                'channels'.format(offset_groups, in_channels))
+        self.modulated = bool(modulated)
+        self.n_offsets = 2 * offset_groups * kh * kw
+        n_predicted = self.n_offsets * 3 // 2 if modulated else self.n_offsets
         if offset_initialW is None:
             offset_initialW = initializers.Zero()
         if offset_initial_bias is None:
             offset_initial_bias = initializers.Zero()
         with self.init_scope():
             self.offset_conv = chainer.links.Convolution2D(
-                in_channels, 2 * kh * kw, ksize, stride, pad,
+                in_channels, n_predicted, ksize, stride, pad,
                 nobias=offset_nobias, initialW=offset_initialW,
-                initial_bias=offset_initial_bias)
+                initial_bias=offset_initial_bias, dilate=dilate)
             self.deform_conv = DeformableConvolution2DSampler(
                 in_channels, out_channels, ksize, stride, pad,
                 nobias=deform_nobias, initialW=deform_initialW,
-                initial_bias=deform_initial_bias)
+                initial_bias=deform_initial_bias, dilate=dilate,
+                groups=groups)
+
+    def offsets_and_mask(self, x):
+        """``(offset, mask)`` that ``offset_conv`` predicts for ``x``;
+        ``mask`` is None unless the layer is modulated."""
+        predicted = self.offset_conv(x)
+        if not self.modulated:
+            return predicted, None
+        offset, logits = chainer.functions.split_axis(
+            predicted, [self.n_offsets], axis=1)
+        return offset, chainer.functions.sigmoid(logits)
 
     def forward(self, x):
         """Applies the deformable convolution to ``x``."""
-        return self.deform_conv(x, self.offset_conv(x))
+        return self.deform_conv(x, *self.offsets_and_mask(x))

@@ -1,4 +1,8 @@
-"""The two convnets of the scaled-MNIST experiment (as in the original)."""
+"""The convnets of the scaled-MNIST experiment.
+
+The regular and the deformable (DCNv1) convnet are the original's; the
+modulated one swaps DCNv2's modulated deformable convolutions in.
+"""
 
 import chainer
 import chainer.functions as F
@@ -51,3 +55,44 @@ class DeformableConvnet(Convnet):
     def _conv(self, in_channels, out_channels):
         return deformable.DeformableConvolution2D(
             in_channels, out_channels, 3, pad=1)
+
+
+class ModulatedDeformableConvnet(Convnet):
+    """:class:`Convnet` with modulated deformable (DCNv2) ``l2`` and ``l3``."""
+
+    def _conv(self, in_channels, out_channels):
+        return deformable.DeformableConvolution2D(
+            in_channels, out_channels, 3, pad=1, modulated=True)
+
+
+class Kind(object):
+    """One kind of convnet: its class, ``--deformable`` value and the
+    names ``train_mnist.py`` gives its snapshots."""
+
+    def __init__(self, flag, model_class, label, model_prefix,
+                 trainer_prefix):
+        self.flag = flag
+        self.model_class = model_class
+        self.label = label
+        self.model_prefix = model_prefix        # + epoch: the predictor
+        self.trainer_prefix = trainer_prefix    # + epoch: the trainer
+
+
+# By --deformable; the first two names are the original's.
+KINDS = {
+    0: Kind(0, Convnet, 'regular', 'non_deformable_',
+            'snapshot_non_deformable_'),
+    1: Kind(1, DeformableConvnet, 'deformable', 'model_iter_',
+            'snapshot_deformable_'),
+    2: Kind(2, ModulatedDeformableConvnet, 'modulated (DCNv2)',
+            'modulated_iter_', 'snapshot_modulated_'),
+}
+
+
+def kind_of(model):
+    """The :class:`Kind` of a convnet instance."""
+    for kind in KINDS.values():
+        if type(model) is kind.model_class:
+            return kind
+    raise TypeError('not a convnet of this experiment: {}'.format(
+        type(model).__name__))

@@ -10,10 +10,13 @@ its ReLU) it draws, over scaled-MNIST test images:
 * the sampling locations: the 3x3 taps of ``l3`` back-projected through the
   max pooling and through ``l2``'s 3x3 taps to the input, with each layer's
   learned offsets (9 x 9 = 81 points; Dai et al. 2017, Fig. 5-6). A regular
-  convnet has zero offsets, so its points form a dilated grid.
+  convnet has zero offsets, so its points form a dilated grid. For a
+  modulated (DCNv2) convnet, the area of each point is its modulation: the
+  product of the masks along its path (l3's tap times l2's).
 
     python test_mnist.py --deformable 1 --resume result/model_iter_20
     python test_mnist.py --deformable 0 --resume result/non_deformable_20
+    python test_mnist.py --deformable 2 --resume result/modulated_iter_20
     python test_mnist.py --resume result/model_iter_20 \\
         --compare result/non_deformable_20 --index 0 1 2 --out vis.png
 """
@@ -30,8 +33,8 @@ import chainer
 import chainer.functions as F
 
 import mnist_data
-from models import Convnet
-from models import DeformableConvnet
+from models import KINDS
+from models import kind_of
 import scaled_mnist
 
 
@@ -44,42 +47,46 @@ class SnapshotError(Exception):
 
 
 def load_model(path, deformable=None):
-    """Loads a model snapshot (or a trainer snapshot) of either convnet.
+    """Loads a model snapshot (or a trainer snapshot) of any of the convnets.
 
     Args:
-        path (str): ``model_iter_N``, ``non_deformable_N`` or
-            ``snapshot_[non_]deformable_N``.
-        deformable (bool or None): The kind expected; ``None`` takes the
-            snapshot's kind.
+        path (str): ``model_iter_N``, ``non_deformable_N``,
+            ``modulated_iter_N`` or ``snapshot_<kind>_N``.
+        deformable (int or None): The kind expected (``--deformable``: 0,
+            1 or 2); ``None`` takes the snapshot's kind.
 
     Raises:
         SnapshotError: The file is missing, not a snapshot of these models,
-            or of the other kind than ``deformable``.
+            or of another kind than ``deformable``.
     """
     if not os.path.isfile(path):
         raise SnapshotError('no such file: {}'.format(path))
     try:
         with numpy.load(path) as npz:
-            keys = set(npz.files)
+            shapes = {name: npz[name].shape for name in npz.files}
     except (ValueError, OSError, pickle.UnpicklingError,
             zipfile.BadZipFile) as e:
         raise SnapshotError('{} is not an .npz snapshot ({})'.format(path, e))
-    if 'l1/W' in keys:
+    if 'l1/W' in shapes:
         prefix = ''
-    elif _TRAINER_PREFIX + 'l1/W' in keys:
+    elif _TRAINER_PREFIX + 'l1/W' in shapes:
         prefix = _TRAINER_PREFIX
     else:
         raise SnapshotError(
-            '{} is not a snapshot of Convnet or DeformableConvnet (no l1/W); '
-            'pass model_iter_N or non_deformable_N (or a trainer snapshot) '
-            'from train_mnist.py'.format(path))
-    is_deformable = prefix + 'l2/offset_conv/W' in keys
-    if deformable is not None and bool(deformable) != is_deformable:
+            '{} is not a snapshot of the experiment\'s convnets (no l1/W); '
+            'pass model_iter_N, non_deformable_N or modulated_iter_N (or a '
+            'trainer snapshot) from train_mnist.py'.format(path))
+    offset_conv = shapes.get(prefix + 'l2/offset_conv/W')
+    if offset_conv is None:
+        kind = KINDS[0]
+    else:
+        # 2 offsets per tap; DCNv2 adds a mask logit.
+        kind = KINDS[2] if offset_conv[0] == 27 else KINDS[1]
+    if deformable is not None and deformable != kind.flag:
         raise SnapshotError(
             '{} is a snapshot of the {} model; run with --deformable '
-            '{}'.format(path, 'deformable' if is_deformable else 'regular',
-                        int(is_deformable)))
-    model = DeformableConvnet(10) if is_deformable else Convnet(10)
+            '{}'.format(path, kind.label, kind.flag))
+    model = kind.model_class(10)
     try:
         chainer.serializers.load_npz(path, model, path=prefix)
     except (KeyError, ValueError) as e:
@@ -120,18 +127,20 @@ def _bilinear(field, y, x):
             + dy * dx * field[:, y0 + 1, x0 + 1])
 
 
-def taps(conv, offset, y, x):
+def taps(conv, offset, y, x, mask=None):
     """Where the taps of output ``(y, x)`` of a convolution sample.
 
     ``conv`` gives ``ksize``, ``stride`` and ``pad`` (pairs). As in
     ``deformable.deformable_convolution_2d_sampler``, tap ``k``
     samples at ``(y*sy - ph + k//kw + dy_k, x*sx - pw + k%kw + dx_k)``; the
     first ``kh*kw`` offset channels are ``dx``, the last ``dy``. ``offset``
-    is ``(2*kh*kw, H, W)`` or ``None`` (a regular conv); ``(y, x)`` may be
-    fractional (the offsets are then interpolated).
+    is ``(2*kh*kw, H, W)`` or ``None`` (a regular conv), ``mask`` (DCNv2)
+    ``(kh*kw, H, W)`` or ``None``; ``(y, x)`` may be fractional (the offsets
+    and the mask are then interpolated).
 
     Returns:
-        ``(kh*kw, 2)`` array of ``(y, x)``.
+        ``(points, modulation)``: ``(kh*kw, 2)`` array of ``(y, x)`` and
+        ``(kh*kw,)`` the mask at each tap (ones without one).
     """
     kh, kw = conv.ksize
     sy, sx = conv.stride
@@ -143,7 +152,11 @@ def taps(conv, offset, y, x):
         d = _bilinear(offset, y, x)
         xs = xs + d[:kh * kw]
         ys = ys + d[kh * kw:]
-    return numpy.stack((ys, xs), axis=1).astype(numpy.float64)
+    modulation = numpy.ones(kh * kw)
+    if mask is not None:
+        modulation = _bilinear(mask, y, x).astype(numpy.float64)
+    points = numpy.stack((ys, xs), axis=1).astype(numpy.float64)
+    return points, modulation
 
 
 def _pair(value):
@@ -163,22 +176,34 @@ def sampling_locations(model, img):
     """The centre unit of ``l3``'s sampling locations, in input pixels.
 
     Returns:
-        ``(unit, l3_points, points)``: the unit's centre ``(2,)``, ``l3``'s
-        taps ``(9, 2)`` and their ``l2`` taps ``(81, 2)``, as ``(y, x)``.
+        ``(unit, l3_points, points, l3_modulation, modulation)``: the unit's
+        centre ``(2,)``, ``l3``'s taps ``(9, 2)`` and their ``l2`` taps
+        ``(81, 2)``, as ``(y, x)``; and the modulation of each (ones but for
+        a DCNv2 convnet; a point's is the product along its path).
     """
     x = img[None]
+    predicted = {'l2': (None, None), 'l3': (None, None)}
     with chainer.using_config('train', False), \
             chainer.using_config('enable_backprop', False):
         feats = model.features(x)
-        off2 = off3 = None
-        if isinstance(model, DeformableConvnet):
-            off2 = model.l2.offset_conv(feats['l1']).array[0]
-            off3 = model.l3.offset_conv(feats['pool']).array[0]
+        for name, inputs in (('l2', feats['l1']), ('l3', feats['pool'])):
+            link = getattr(model, name)
+            if hasattr(link, 'offsets_and_mask'):
+                predicted[name] = tuple(
+                    None if a is None else a.array[0]
+                    for a in link.offsets_and_mask(inputs))
     i, j = centre(feats['l3'].shape[2:])
-    l3_points = _unpool(taps(_Geometry(model.l3), off3, i, j))
-    points = numpy.concatenate(
-        [taps(_Geometry(model.l2), off2, py, px) for py, px in l3_points])
-    return _unpool(numpy.array([i, j])), l3_points, points
+    offset3, mask3 = predicted['l3']
+    offset2, mask2 = predicted['l2']
+    l3_points, l3_modulation = taps(_Geometry(model.l3), offset3, i, j, mask3)
+    l3_points = _unpool(l3_points)
+    points, modulation = [], []
+    for (py, px), m3 in zip(l3_points, l3_modulation):
+        p, m2 = taps(_Geometry(model.l2), offset2, py, px, mask2)
+        points.append(p)
+        modulation.append(m3 * m2)
+    return (_unpool(numpy.array([i, j])), l3_points, numpy.concatenate(points),
+            l3_modulation, numpy.concatenate(modulation))
 
 
 def _unpool(p):
@@ -189,7 +214,7 @@ def _unpool(p):
 
 
 def _label(model):
-    return 'deformable' if isinstance(model, DeformableConvnet) else 'regular'
+    return kind_of(model).label
 
 
 def draw(models, examples, indices, threshold, panel_size=2.2):
@@ -206,7 +231,8 @@ def draw(models, examples, indices, threshold, panel_size=2.2):
                     chainer.using_config('enable_backprop', False):
                 predicted = int(model(img[None]).array.argmax())
             mask, _ = receptive_field(model, img, threshold)
-            unit, l3_points, points = sampling_locations(model, img)
+            unit, l3_points, points, l3_modulation, modulation = \
+                sampling_locations(model, img)
 
             ax = axes[row, 2 * m]
             overlay = numpy.zeros(mask.shape + (4,))
@@ -217,9 +243,12 @@ def draw(models, examples, indices, threshold, panel_size=2.2):
 
             ax = axes[row, 2 * m + 1]
             ax.imshow(img[0], cmap='gray', vmin=0, vmax=1)
-            ax.scatter(points[:, 1], points[:, 0], s=6, c='red',
+            # Area proportional to the modulation (1 without a mask).
+            ax.scatter(points[:, 1], points[:, 0],
+                       s=6 * numpy.clip(modulation, 0, None), c='red',
                        label='l2 taps (81)')
-            ax.scatter(l3_points[:, 1], l3_points[:, 0], s=12, c='cyan',
+            ax.scatter(l3_points[:, 1], l3_points[:, 0],
+                       s=12 * numpy.clip(l3_modulation, 0, None), c='cyan',
                        label='l3 taps (9)')
             ax.scatter([unit[1]], [unit[0]], s=30, c='lime', marker='x',
                        label='centre unit of l3')
@@ -239,8 +268,11 @@ def draw(models, examples, indices, threshold, panel_size=2.2):
     handles, labels = axes[0, 1].get_legend_handles_labels()
     fig.legend(handles, labels, loc='outside lower center', ncol=3,
                fontsize=8, frameon=False)
-    fig.suptitle('Centre unit of l3. Receptive field: |gradient| > {:.3g} x '
-                 'its max (red)'.format(threshold), fontsize=9)
+    title = ('Centre unit of l3. Receptive field: |gradient| > {:.3g} x its '
+             'max (red)'.format(threshold))
+    if any(kind_of(model).flag == 2 for _, model in models):
+        title += '. DCNv2: point area = modulation (mask product)'
+    fig.suptitle(title, fontsize=9)
     return fig
 
 
@@ -248,12 +280,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Receptive field and sampling locations of the centre '
         "unit of a trained convnet's third convolution")
-    parser.add_argument('--deformable', '-d', type=int, choices=(0, 1),
-                        default=1, help='kind of the --resume snapshot (1/0)')
+    parser.add_argument('--deformable', '-d', type=int, choices=(0, 1, 2),
+                        default=1, help='kind of the --resume snapshot '
+                        '(1: deformable, 0: regular, 2: modulated, DCNv2)')
     parser.add_argument('--resume', '-r', required=True,
-                        help='model snapshot (result/model_iter_N or '
-                        'result/non_deformable_N; a trainer snapshot works '
-                        'too)')
+                        help='model snapshot (result/model_iter_N, '
+                        'result/non_deformable_N or result/modulated_iter_N; '
+                        'a trainer snapshot works too)')
     parser.add_argument('--compare', '-c', default=None,
                         help='a second snapshot (either kind) drawn beside '
                         'the first')

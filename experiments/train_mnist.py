@@ -3,6 +3,7 @@
 
     python train_mnist.py --gpu 0 --deformable 1  # result/model_iter_N
     python train_mnist.py --gpu 0 --deformable 0  # result/non_deformable_N
+    python train_mnist.py --gpu 0 --deformable 2  # result/modulated_iter_N
 """
 
 import argparse
@@ -20,8 +21,7 @@ from chainer import training
 from chainer.training import extensions
 
 import mnist_data
-from models import Convnet
-from models import DeformableConvnet
+from models import KINDS
 import scaled_mnist
 
 
@@ -69,8 +69,10 @@ def parse_args(argv=None):
         description='Scaled MNIST with and without deformable convolutions')
     parser.add_argument('--gpu', '-g', type=int, default=-1,
                         help='GPU ID (negative value indicates CPU)')
-    parser.add_argument('--deformable', '-d', type=int, choices=(0, 1),
-                        default=1, help='use deformable convolutions (1/0)')
+    parser.add_argument('--deformable', '-d', type=int, choices=(0, 1, 2),
+                        default=1, help='1: deformable convolutions (DCNv1), '
+                        '0: regular ones, 2: modulated deformable ones '
+                        '(DCNv2)')
     parser.add_argument('--batchsize', '-b', type=positive_int, default=100,
                         help='number of images in each mini-batch')
     parser.add_argument('--epoch', '-e', type=positive_int, default=20,
@@ -82,8 +84,9 @@ def parse_args(argv=None):
                         'shuffling and the training images')
     parser.add_argument('--resume', '-r', default=None,
                         help='trainer snapshot to continue from '
-                        '(OUT/snapshot_deformable_N or '
-                        'OUT/snapshot_non_deformable_N)')
+                        '(OUT/snapshot_deformable_N, '
+                        'OUT/snapshot_non_deformable_N or '
+                        'OUT/snapshot_modulated_N)')
     parser.add_argument('--train-size', type=positive_int, default=None,
                         help='use the first N training images (default all)')
     parser.add_argument('--test-size', type=positive_int, default=None,
@@ -123,10 +126,8 @@ def main(argv=None):
         random.seed(args.seed)
         numpy.random.seed(args.seed)
 
-    if args.deformable:
-        predictor = DeformableConvnet(10)
-    else:
-        predictor = Convnet(10)
+    kind = KINDS[args.deformable]
+    predictor = kind.model_class(10)
     model = L.Classifier(predictor)
     device = chainer.get_device(args.gpu)
     device.use()
@@ -155,13 +156,9 @@ def main(argv=None):
 
     # The predictor alone, named as the original README expects, for
     # test_mnist.py; and the whole trainer, for --resume, named by kind too
-    # since both kinds write to result/ by default.
-    if args.deformable:
-        model_filename = 'model_iter_{.updater.epoch}'
-        trainer_filename = 'snapshot_deformable_{.updater.epoch}'
-    else:
-        model_filename = 'non_deformable_{.updater.epoch}'
-        trainer_filename = 'snapshot_non_deformable_{.updater.epoch}'
+    # since all kinds write to result/ by default.
+    model_filename = kind.model_prefix + '{.updater.epoch}'
+    trainer_filename = kind.trainer_prefix + '{.updater.epoch}'
     trainer.extend(extensions.snapshot_object(predictor, model_filename),
                    trigger=(1, 'epoch'))
     trainer.extend(extensions.snapshot(filename=trainer_filename),
@@ -189,8 +186,9 @@ def main(argv=None):
                 zipfile.BadZipFile) as e:
             raise SystemExit(
                 'error: cannot resume from {}: {}: {}\nIt must be a trainer '
-                'snapshot (snapshot_[non_]deformable_N) written by a run with '
-                'the same --deformable and --train-size.'.format(
+                'snapshot (snapshot_[non_]deformable_N or '
+                'snapshot_modulated_N) written by a run with the same '
+                '--deformable and --train-size.'.format(
                     args.resume, type(e).__name__, e))
 
     trainer.run()

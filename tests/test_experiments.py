@@ -422,22 +422,38 @@ def test_taps_match_the_sampler():
         x, offset, W, stride=1, pad=1).array[0]
     link = chainer.links.Convolution2D(2, 18, 3, pad=1)
     for i, j in ((4, 5), (3, 7), (5, 3)):  # far enough from the border
-        points = test_mnist.taps(test_mnist._Geometry(link), offset[0], i, j)
+        points, modulation = test_mnist.taps(
+            test_mnist._Geometry(link), offset[0], i, j)
         numpy.testing.assert_allclose(points[:, 0], y[0::2, i, j], atol=1e-5)
         numpy.testing.assert_allclose(points[:, 1], y[1::2, i, j], atol=1e-5)
+        assert (modulation == 1).all()
+    # DCNv2: each tap's sample is scaled by its mask, which taps() returns.
+    mask = rng.uniform(0, 1, (1, 9, h, w)).astype(numpy.float32)
+    y_modulated = deformable.deformable_convolution_2d_sampler(
+        x, offset, W, stride=1, pad=1, mask=mask).array[0]
+    for i, j in ((4, 5), (3, 7)):
+        points, modulation = test_mnist.taps(
+            test_mnist._Geometry(link), offset[0], i, j, mask[0])
+        numpy.testing.assert_allclose(
+            points[:, 0] * modulation, y_modulated[0::2, i, j], atol=1e-5)
+        numpy.testing.assert_allclose(modulation, mask[0, :, i, j])
 
 
-@pytest.mark.parametrize('deformable', [False, True])
+@pytest.mark.parametrize('deformable', [0, 1, 2])
 def test_sampling_grid_is_centred_on_the_receptive_field(deformable):
     import test_mnist
-    from models import Convnet
-    from models import DeformableConvnet
+    from models import KINDS
     numpy.random.seed(0)  # Chainer's initializers draw from it
-    model = DeformableConvnet() if deformable else Convnet()
+    model = KINDS[deformable].model_class()
     img = numpy.random.RandomState(1).uniform(
         0, 1, (1, 28, 28)).astype(numpy.float32)
-    unit, l3_points, points = test_mnist.sampling_locations(model, img)
+    unit, l3_points, points, l3_modulation, modulation = \
+        test_mnist.sampling_locations(model, img)
     assert l3_points.shape == (9, 2) and points.shape == (81, 2)
+    # A new DCNv2 layer's mask is sigmoid(0) = 0.5 everywhere.
+    half = 0.5 if deformable == 2 else 1
+    numpy.testing.assert_allclose(l3_modulation, [half] * 9)
+    numpy.testing.assert_allclose(modulation, [half ** 2] * 81)
     # A new deformable layer has zero offsets: a regular grid, the taps of
     # l3 two pixels apart (after the pooling), those of l2 one apart.
     assert sorted(set(l3_points[:, 0])) == [12.5, 14.5, 16.5]
@@ -597,7 +613,7 @@ def test_visualize_bad_arguments(trained, args, message):
     (['--resume', '{out}/0/snapshot_non_deformable_1'], 'cannot resume'),
     (['--resume', '{out}/1/nothere'], 'no such file'),
     (['--train-size', '0'], 'must be a positive integer'),
-    (['--deformable', '2'], 'invalid choice'),
+    (['--deformable', '3'], 'invalid choice'),
 ])
 def test_train_bad_arguments(trained, args, message):
     _, env, out, _ = trained

@@ -24,6 +24,7 @@ from deformable import _gpu
 import kernel_emulation
 from test_sampler import make_inputs
 from test_sampler import random_offset
+from test_sampler_general import make_general_inputs
 
 
 pytestmark = pytest.mark.skipif(
@@ -31,30 +32,39 @@ pytestmark = pytest.mark.skipif(
     reason='needs a C++ compiler ({}) to run the CUDA kernels on the '
            'CPU'.format(kernel_emulation.CXX))
 
-OUTPUTS = ('y', 'gx', 'goffset', 'gW', 'gb')
+INPUTS = ('x', 'offset', 'W', 'b', 'mask')
 
 
-def run_op(inputs, gy, stride, pad):
-    """Output and the gradients of every input."""
-    variables = [chainer.Variable(a.copy()) for a in inputs]
+def run_op(inputs, gy, **params):
+    """Output and the gradients of every input, by name.
+
+    ``inputs`` are ``(x, offset, W[, b[, mask]])``, ``b`` and ``mask``
+    possibly None; ``params`` the op's keyword arguments.
+    """
+    variables = {name: chainer.Variable(a.copy())
+                 for name, a in zip(INPUTS, inputs) if a is not None}
     y = deformable.deformable_convolution_2d_sampler(
-        *variables, stride=stride, pad=pad)
+        variables['x'], variables['offset'], variables['W'],
+        b=variables.get('b'), mask=variables.get('mask'), **params)
     y.grad = gy.copy()
     y.backward()
-    return [y.array] + [v.grad for v in variables]
+    results = {'y': y.array}
+    results.update(('g' + name, v.grad) for name, v in variables.items())
+    return results
 
 
-def disagreements(inputs, gy, stride, pad, rtol):
+def disagreements(inputs, gy, rtol, **params):
     """Where the GPU path on the CPU differs from the NumPy path.
 
     NaN must appear exactly where the NumPy path puts it; elsewhere the
     largest difference, relative to the largest value, is at most rtol.
     """
-    expected = run_op(inputs, gy, stride, pad)
+    expected = run_op(inputs, gy, **params)
     with kernel_emulation.gpu_path_on_cpu():
-        actual = run_op(inputs, gy, stride, pad)
+        actual = run_op(inputs, gy, **params)
     problems = []
-    for name, a, e in zip(OUTPUTS, actual, expected):
+    for name, e in expected.items():
+        a = actual[name]
         if a.shape != e.shape or a.dtype != e.dtype:
             problems.append('{}: {} {} instead of {} {}'.format(
                 name, a.shape, a.dtype, e.shape, e.dtype))
@@ -104,11 +114,44 @@ class TestGpuPathOnCpu(unittest.TestCase):
                              nobias=self.stride == (3, 1))
         gy = rng.uniform(-1, 1, (n, 3) + inputs[1].shape[2:]).astype(
             self.dtype)
-        if len(inputs) == 3:
-            inputs = inputs + (None,)
+        problems = disagreements(inputs, gy, tolerance(self.dtype),
+                                 stride=self.stride, pad=self.pad)
+        assert not problems, problems
+
+
+@testing.parameterize(*testing.product({
+    'dilate': [(1, 1), (2, 3)],
+    'groups': [1, 2],
+    'offset_groups': [1, 2, 4],
+    'with_mask': [False, True],
+    'dtype': [numpy.float64],
+}) + testing.product({
+    'dilate': [(2, 1)],
+    'groups': [2],
+    'offset_groups': [4],
+    'with_mask': [True],
+    'dtype': [numpy.float32, numpy.float16],
+}))
+class TestGeneralGpuPathOnCpu(unittest.TestCase):
+    """Dilation, groups, offset groups and the mask, and combinations."""
+
+    def test_agrees_with_numpy_path(self):
+        seed = (sum(self.dilate) + 3 * self.groups + 5 * self.offset_groups
+                + self.with_mask)
+        rng = numpy.random.RandomState(seed)
+        ksize = [(3, 3), (2, 3), (1, 2)][seed % 3]
+        stride = [(1, 1), (2, 1), (1, 3)][seed % 3]
+        pad = [(1, 2), (0, 0), (2, 1)][seed % 3]
+        n = 1 + seed % 3
+        x, offset, W, b, mask = make_general_inputs(
+            rng, n, 8, 4, 7, 9, ksize, stride, pad, self.dilate,
+            self.groups, self.offset_groups, self.with_mask, spread=7,
+            nobias=seed % 2 == 0, dtype=self.dtype)
+        gy = rng.uniform(-1, 1, (n, 4) + offset.shape[2:]).astype(
+            self.dtype)
         problems = disagreements(
-            [a for a in inputs if a is not None], gy, self.stride, self.pad,
-            tolerance(self.dtype))
+            (x, offset, W, b, mask), gy, tolerance(self.dtype),
+            stride=stride, pad=pad, dilate=self.dilate, groups=self.groups)
         assert not problems, problems
 
 
@@ -125,8 +168,8 @@ def exact_case(dtype=numpy.float64, seed=0):
 class TestSpecialOffsets(unittest.TestCase):
 
     def check(self, x, offset, W, b, gy):
-        problems = disagreements((x, offset, W, b), gy, 1, 1,
-                                 tolerance(x.dtype.type))
+        problems = disagreements((x, offset, W, b), gy,
+                                 tolerance(x.dtype.type), stride=1, pad=1)
         assert not problems, problems
 
     def test_integer_positions(self):
@@ -176,10 +219,10 @@ class TestSpecialOffsets(unittest.TestCase):
 # (kernel constant in _gpu, old text, new text).
 PLANTED_BUGS = {
     'swapped fraction': (
-        'SAMPLE_COLUMNS', 'col = (1 - fy) * ((1 - fx)',
-        'col = (1 - fx) * ((1 - fy)'),
+        'SAMPLE_COLUMNS', '(1 - fy) * ((1 - fx) * pixel',
+        '(1 - fx) * ((1 - fy) * pixel'),
     'wrong tap decode': (
-        'PREAMBLE', '(T)(oy * sy - ph + k / kw)', '(T)(oy * sy - ph + k % kw)'),
+        'PREAMBLE', 'k / kw * dil_y', 'k % kw * dil_y'),
     'dropped corner': (
         'SCATTER_COLUMNS', 'q < 4', 'q < 3'),
     'offset gradient sign': (
@@ -187,6 +230,15 @@ PLANTED_BUGS = {
         'grad_x = (1 - fy) * (s00 - s01)'),
     'NaN sample scattered': (
         'SCATTER_COLUMNS', 'if (inside_y && inside_x)', 'if (true)'),
+    'mask left out of the scatter': (
+        'SCATTER_COLUMNS', 'fy * fx * m}', 'fy * fx}'),
+    'mask gradient of the wrong corner': (
+        'OFFSET_GRADS', '+ fy * (1 - fx) * s10', '+ fy * (1 - fx) * s11'),
+    'wrong offset group': (
+        'PREAMBLE', 'const ptrdiff_t n_group = n * G + group;',
+        'const ptrdiff_t n_group = n * G;'),
+    'dilation dropped': (
+        'PREAMBLE', 'k % kw * dil_x', 'k % kw'),
 }
 
 
@@ -205,10 +257,19 @@ def planted(constant, old, new):
 class TestPlantedBugsAreCaught(unittest.TestCase):
 
     def test_caught(self):
-        x, offset, W, b, gy, _ = exact_case()
+        # One case with every feature on, and a NaN offset.
+        rng = numpy.random.RandomState(0)
+        x, offset, W, b, mask = make_general_inputs(
+            rng, 2, 4, 4, 6, 7, (3, 3), (1, 1), (2, 1), (2, 2), 2, 2, True,
+            spread=3)
         offset[1, 4, 2, 3] = numpy.nan
+        gy = rng.uniform(-1, 1, (2, 4) + offset.shape[2:])
+        params = {'pad': (2, 1), 'dilate': (2, 2), 'groups': 2}
+        assert not disagreements((x, offset, W, b, mask), gy, 1e-12,
+                                 **params)
         with planted(*PLANTED_BUGS[self.bug]):
-            problems = disagreements((x, offset, W, b), gy, 1, 1, 1e-12)
+            problems = disagreements((x, offset, W, b, mask), gy, 1e-12,
+                                     **params)
         assert problems, 'planted bug not caught: ' + self.bug
 
 
@@ -217,9 +278,9 @@ class Test64BitIndices(unittest.TestCase):
 
     The big arrays are zeros that are never touched but for a few pages,
     so the operating system maps them lazily: 8 GiB each of address space,
-    kilobytes of memory. Only the threads of the last channel's last rows
-    run (``begin``); they must compute what the same threads compute in a
-    one-channel problem, whose indices are small.
+    tens of megabytes of memory. Only the threads of the last samples run
+    (``begin``); for the last channel they must compute what the same
+    threads compute in a one-channel problem, whose indices are small.
     """
 
     c, h, w = 2 ** 11 + 8, 2 ** 10, 2 ** 10     # c * h * w > 2 ** 31
@@ -237,61 +298,59 @@ class Test64BitIndices(unittest.TestCase):
             -1.7, 0.6, (2, self.window))
         self.gcol = rng.uniform(-1, 1, self.window).astype(numpy.float32)
 
-    def kernel(self, source):
-        return kernel_emulation.elementwise(
+    def run_kernel(self, source, c, inputs, outputs, **kwargs):
+        # A 1x1 kernel, stride 1, no pad, no mask: one thread per sample.
+        geometry = (self.offset, self.offset, 0, self.plane, c, self.h,
+                    self.w, self.h, self.w, 1, 1, 1, 1, 0, 0, 1, 1, 1)
+        kernel_emulation.elementwise(
             source.all_in_params, source.out_params, source.body,
-            source.name, preamble=_gpu.PREAMBLE)
-
-    def geometry(self, c):
-        return (self.offset, self.plane, c, self.h, self.w, self.h, self.w,
-                1, 1, 1, 1, 0, 0)
+            source.name, preamble=_gpu.PREAMBLE)(
+                *(inputs + geometry + outputs), size=self.plane, **kwargs)
 
     def small_problem(self):
-        """The last channel alone: (x, columns, gx, goffset)."""
+        """The last channel alone: (columns, gx, goffset)."""
         x = numpy.zeros((1, 1, self.h, self.w), numpy.float32)
         x[0, 0, -self.rows - 1:] = self.last_rows
         columns = numpy.zeros((1, self.plane), numpy.float32)
-        self.kernel(_gpu.SAMPLE_COLUMNS)(x, *self.geometry(1), columns)
+        self.run_kernel(_gpu.SAMPLE_COLUMNS, 1, (x,), (columns,))
         gcol = numpy.zeros_like(columns)
         gcol[0, -self.window:] = self.gcol
         gx = numpy.zeros_like(x)
-        self.kernel(_gpu.SCATTER_COLUMNS)(gcol, *self.geometry(1), gx)
+        self.run_kernel(_gpu.SCATTER_COLUMNS, 1, (gcol,), (gx,))
         goffset = numpy.zeros_like(self.offset)
-        self.kernel(_gpu.OFFSET_GRADS)(x, gcol, *self.geometry(1), goffset,
-                                       size=self.plane)
+        self.run_kernel(_gpu.OFFSET_GRADS, 1, (x, gcol),
+                        (goffset, goffset[:0]))
         return columns[0], gx[0, 0], goffset
 
     def test_indices_past_2_31(self):
         columns_1, gx_1, goffset_1 = self.small_problem()
         c, plane, window = self.c, self.plane, self.window
+        last = {'begin': plane - window}
         x = numpy.zeros((1, c, self.h, self.w), numpy.float32)
         x[0, -1, -self.rows - 1:] = self.last_rows
         columns = numpy.zeros((c, plane), numpy.float32)
-        self.kernel(_gpu.SAMPLE_COLUMNS)(
-            x, *self.geometry(c), columns, begin=c * plane - window)
+        self.run_kernel(_gpu.SAMPLE_COLUMNS, c, (x,), (columns,), **last)
         numpy.testing.assert_array_equal(
             columns[-1, -window:], columns_1[-window:])
 
         columns[-1, -window:] = self.gcol
         goffset = numpy.zeros_like(self.offset)
-        self.kernel(_gpu.OFFSET_GRADS)(
-            x, columns, *self.geometry(c), goffset, size=plane,
-            begin=plane - window)
+        self.run_kernel(_gpu.OFFSET_GRADS, c, (x, columns),
+                        (goffset, goffset[:0]), **last)
         numpy.testing.assert_array_equal(goffset, goffset_1)
         del x
 
         gx = numpy.zeros((1, c, self.h, self.w), numpy.float32)
-        self.kernel(_gpu.SCATTER_COLUMNS)(
-            columns, *self.geometry(c), gx, begin=c * plane - window)
+        self.run_kernel(_gpu.SCATTER_COLUMNS, c, (columns,), (gx,), **last)
         numpy.testing.assert_array_equal(gx[0, -1], gx_1)
 
     def test_index_types_in_source(self):
         # Every flat index that is a product of sizes is ptrdiff_t.
         text = _gpu.PREAMBLE + ''.join(k.operation for k in _gpu.KERNELS)
-        declared = dict(
-            (name, kind) for kind, name in re.findall(
-                r'\b(int|ptrdiff_t)\s+(p|ch|n|off|plane)\b\s*=', text))
-        assert set(declared) == {'p', 'ch', 'n', 'off', 'plane'}
+        names = 'p|ch|n|off|plane|n_group|mask_at|first_channel'
+        declared = dict((name, kind) for kind, name in re.findall(
+            r'\b(int|ptrdiff_t)\s+(' + names + r')\b\s*=', text))
+        assert set(declared) == set(names.split('|'))
         assert set(declared.values()) == {'ptrdiff_t'}, declared
         assert 'int64 P' in _gpu.GEOMETRY_PARAMS
 

@@ -3,6 +3,7 @@ import tempfile
 import unittest
 
 import numpy
+import pytest
 
 import chainer
 from chainer import backend
@@ -112,6 +113,104 @@ class TestDeformableConvolution2D(unittest.TestCase):
             deform_initial_bias=initializers.Constant(2.0))
         assert (link.offset_conv.b.array == 0.25).all()
         assert (link.deform_conv.b.array == 2.0).all()
+
+
+@testing.inject_backend_tests(None, BACKENDS)
+class TestGeneralDeformableConvolution2D(unittest.TestCase):
+    """Dilation, groups, offset groups and DCNv2's modulation."""
+
+    def setUp(self):
+        self.x = numpy.random.RandomState(1).uniform(
+            -1, 1, (2, 4, 9, 8)).astype(numpy.float32)
+
+    def test_shapes(self, backend_config):
+        link = deformable.DeformableConvolution2D(
+            4, 6, 3, 1, 2, dilate=2, groups=2, offset_groups=4,
+            modulated=True)
+        assert link.offset_conv.W.shape == (3 * 4 * 9, 4, 3, 3)
+        assert link.deform_conv.W.shape == (6, 2, 3, 3)
+        link.to_device(backend_config.device)
+        x = backend_config.device.send(self.x)
+        offset, mask = link.offsets_and_mask(x)
+        assert offset.shape == (2, 2 * 4 * 9, 9, 8)
+        assert mask.shape == (2, 4 * 9, 9, 8)
+        assert link(x).shape == (2, 6, 9, 8)
+
+    def test_fresh_modulated_link_is_half_a_convolution(self, backend_config):
+        link = deformable.DeformableConvolution2D(
+            4, 6, 3, 1, 2, dilate=2, groups=2, offset_groups=2,
+            modulated=True)
+        W, b = link.deform_conv.W.array, link.deform_conv.b.array
+        b[...] = 0.3
+        expected = F.convolution_2d(self.x, W, b, 1, 2, dilate=2,
+                                    groups=2).array
+        expected -= 0.3
+        link.to_device(backend_config.device)
+        y = to_cpu(link(backend_config.device.send(self.x)).array)
+        numpy.testing.assert_allclose(y - 0.3, 0.5 * expected,
+                                      rtol=1e-5, atol=1e-5)
+
+    def test_unmodulated_link_is_a_convolution(self, backend_config):
+        link = deformable.DeformableConvolution2D(
+            4, 6, (2, 3), 2, 1, dilate=(1, 2), groups=2, offset_groups=2)
+        expected = F.convolution_2d(
+            self.x, link.deform_conv.W, link.deform_conv.b, 2, 1,
+            dilate=(1, 2), groups=2).array
+        link.to_device(backend_config.device)
+        y = link(backend_config.device.send(self.x))
+        numpy.testing.assert_allclose(to_cpu(y.array), expected,
+                                      rtol=1e-5, atol=1e-5)
+
+    def test_modulated_offset_conv_learns_from_the_first_step(
+            self, backend_config):
+        link = deformable.DeformableConvolution2D(
+            4, 6, 3, 1, 1, offset_groups=2, modulated=True)
+        link.to_device(backend_config.device)
+        link.cleargrads()
+        F.sum(link(backend_config.device.send(self.x)) ** 2).backward()
+        grad = to_cpu(link.offset_conv.W.grad)
+        # Offsets and mask logits both get a gradient.
+        assert abs(grad[:36]).max() > 1e-3
+        assert abs(grad[36:]).max() > 1e-3
+
+    def test_deferred_initialization_with_groups(self, backend_config):
+        link = deformable.DeformableConvolution2D(
+            None, 6, 3, 1, 1, groups=2, offset_groups=4, modulated=True)
+        link.to_device(backend_config.device)
+        y = link(backend_config.device.send(self.x))
+        assert y.shape == (2, 6, 9, 8)
+        assert link.deform_conv.W.shape == (6, 2, 3, 3)
+        assert link.offset_conv.W.shape == (108, 4, 3, 3)
+
+    def test_modulated_save_load(self, backend_config):
+        link = deformable.DeformableConvolution2D(
+            4, 6, 3, 1, 1, offset_groups=2, modulated=True,
+            offset_initialW=initializers.Normal(0.3))
+        expected = link(self.x).array
+        restored = deformable.DeformableConvolution2D(
+            4, 6, 3, 1, 1, offset_groups=2, modulated=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, 'ours.npz')
+            chainer.serializers.save_npz(path, link)
+            chainer.serializers.load_npz(path, restored)
+        restored.to_device(backend_config.device)
+        y = restored(backend_config.device.send(self.x))
+        numpy.testing.assert_allclose(to_cpu(y.array), expected,
+                                      rtol=1e-5, atol=1e-5)
+
+
+class TestGeneralBadArguments(unittest.TestCase):
+
+    def test_offset_groups(self):
+        with pytest.raises(ValueError, match='offset_groups=3 does not'):
+            deformable.DeformableConvolution2D(4, 6, 3, offset_groups=3)
+        with pytest.raises(ValueError, match='offset_groups must be'):
+            deformable.DeformableConvolution2D(4, 6, 3, offset_groups=0)
+
+    def test_groups_at_deferred_initialization(self):
+        link = deformable.DeformableConvolution2D(None, 6, 3, groups=4)
+        with pytest.raises(ValueError, match='groups=4 does not divide'):
+            link(numpy.zeros((1, 6, 5, 5), numpy.float32))
 
 
 testing.run_module(__name__, __file__)

@@ -1,0 +1,313 @@
+"""The general op: dilation, groups, offset groups and the DCNv2 mask.
+
+Gradients by ``check_backward`` and values against the loop reference
+(``naive.py``) on a grid of every feature and their combinations, for both
+CPU implementations and the GPU; values against an independent
+implementation, the ONNX reference evaluator's ``DeformConv``; and every
+bad input.
+"""
+
+import unittest
+
+import numpy
+import pytest
+
+import chainer
+from chainer import testing
+from chainer.utils import type_check
+
+import deformable
+
+import naive
+from test_sampler import BACKENDS
+from test_sampler import cpu_kernels
+from test_sampler import random_offset
+from test_sampler import select_cpu_kernels
+
+
+def output_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def make_general_inputs(rng, n, c_in, c_out, h, w, ksize, stride, pad,
+                        dilate, groups, offset_groups, with_mask, spread,
+                        nobias=False, dtype=numpy.float64):
+    """``(x, offset, W, b, mask)``, ``b`` and ``mask`` possibly None."""
+    kh, kw = ksize
+    out_h = output_size(h, kh, stride[0], pad[0], dilate[0])
+    out_w = output_size(w, kw, stride[1], pad[1], dilate[1])
+    n_taps = kh * kw
+    x = rng.uniform(-1, 1, (n, c_in, h, w))
+    offset = random_offset((n, 2 * offset_groups * n_taps, out_h, out_w),
+                           spread, rng)
+    W = rng.uniform(-1, 1, (c_out, c_in // groups, kh, kw))
+    b = None if nobias else rng.uniform(-1, 1, (c_out,))
+    mask = rng.uniform(-0.5, 1.5, (n, offset_groups * n_taps, out_h, out_w)) \
+        if with_mask else None
+    return tuple(None if a is None else a.astype(dtype)
+                 for a in (x, offset, W, b, mask))
+
+
+GRID = testing.product({
+    'dilate': [(1, 1), (2, 1)],
+    'groups': [1, 2],
+    'offset_groups': [1, 2, 4],
+    'with_mask': [False, True],
+})
+# Strides, pads, kernels and batch sizes vary along the grid.
+for index, params in enumerate(GRID):
+    params['ksize'] = [(3, 3), (2, 3), (1, 2)][index % 3]
+    params['stride'] = [(1, 1), (2, 1), (1, 3), (2, 2)][index % 4]
+    params['pad'] = [(1, 1), (0, 2), (2, 0)][index % 3]
+    params['n'] = 1 + index % 2
+
+
+class GeneralGradientsMixin(object):
+
+    skip_double_backward_test = True
+
+    def setUp(self):
+        # For the whole test: check_backward runs the backward later.
+        select_cpu_kernels(self)
+        self.check_forward_options = {'atol': 1e-12, 'rtol': 1e-12}
+        self.check_backward_options = {'atol': 1e-7, 'rtol': 1e-7}
+        self.nobias = self.groups == 2 and self.offset_groups == 2
+
+    def generate_inputs(self):
+        rng = numpy.random.RandomState(
+            sum(self.ksize + self.stride + self.pad + self.dilate)
+            + 10 * self.offset_groups + self.groups)
+        inputs = make_general_inputs(
+            rng, self.n, 4, 4, 6, 7, self.ksize, self.stride, self.pad,
+            self.dilate, self.groups, self.offset_groups, self.with_mask,
+            spread=3, nobias=self.nobias)
+        return tuple(a for a in inputs if a is not None)
+
+    def _split(self, inputs):
+        x, offset, W = inputs[:3]
+        b = None if self.nobias else inputs[3]
+        mask = inputs[-1] if self.with_mask else None
+        return x, offset, W, b, mask
+
+    def forward(self, inputs, device):
+        x, offset, W, b, mask = self._split(inputs)
+        return deformable.deformable_convolution_2d_sampler(
+            x, offset, W, b, stride=self.stride, pad=self.pad,
+            dilate=self.dilate, groups=self.groups, mask=mask),
+
+    def forward_expected(self, inputs):
+        x, offset, W, b, mask = self._split(inputs)
+        return naive.forward(x, offset, W, b, self.stride, self.pad,
+                             self.dilate, self.groups, mask),
+
+
+@testing.parameterize(*GRID)
+@testing.inject_backend_tests(None, BACKENDS)
+class TestGeneralGradients(GeneralGradientsMixin, testing.FunctionTestCase):
+    use_numba = 'never'
+
+
+@testing.parameterize(*GRID)
+@testing.inject_backend_tests(None, [{}])
+class TestGeneralGradientsCompiled(GeneralGradientsMixin,
+                                   testing.FunctionTestCase):
+    use_numba = 'always'
+
+
+class TestDefaultsAreDCNv1(unittest.TestCase):
+
+    def test_explicit_defaults_change_nothing(self):
+        rng = numpy.random.RandomState(1)
+        x, offset, W, b, _ = make_general_inputs(
+            rng, 2, 3, 4, 6, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, False,
+            spread=3)
+        implicit = deformable.deformable_convolution_2d_sampler(
+            x, offset, W, b, 1, 1)
+        explicit = deformable.deformable_convolution_2d_sampler(
+            x, offset, W, b, 1, 1, dilate=1, groups=1, mask=None)
+        numpy.testing.assert_array_equal(implicit.array, explicit.array)
+
+    def test_mask_of_ones_is_no_mask(self):
+        rng = numpy.random.RandomState(2)
+        x, offset, W, b, _ = make_general_inputs(
+            rng, 2, 4, 2, 6, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2, False,
+            spread=3)
+        ones = numpy.ones((2, 18, 6, 5))
+        y = deformable.deformable_convolution_2d_sampler(
+            x, offset, W, b, 1, 1, mask=ones)
+        y_plain = deformable.deformable_convolution_2d_sampler(
+            x, offset, W, b, 1, 1)
+        numpy.testing.assert_array_equal(y.array, y_plain.array)
+
+    def test_offset_gradient_with_mask_at_integers(self):
+        # The forward-difference convention, modulated, against the loops.
+        rng = numpy.random.RandomState(3)
+        x, _, W, b, mask = make_general_inputs(
+            rng, 2, 4, 2, 6, 5, (3, 3), (1, 1), (2, 1), (2, 1), 2, 2, True,
+            spread=3)
+        offset = rng.randint(-3, 4, size=(2, 36, 6, 5)).astype(numpy.float64)
+        gy = rng.uniform(-1, 1, (2, 2, 6, 5))
+        for use_numba in ('never', 'always'):
+            offset_v = chainer.Variable(offset)
+            with cpu_kernels(use_numba):
+                y = deformable.deformable_convolution_2d_sampler(
+                    x, offset_v, W, b, 1, (2, 1), (2, 1), 2, mask)
+                y.grad = gy
+                y.backward()
+            expected = naive.offset_grad(x, offset, W, gy, (1, 1), (2, 1),
+                                         (2, 1), 2, mask)
+            numpy.testing.assert_allclose(offset_v.grad, expected,
+                                          rtol=0, atol=1e-12)
+
+
+# --- ONNX's DeformConv: an independent implementation -----------------------
+
+def to_interleaved(offset, n_groups, n_taps):
+    """Our layout -> torchvision's and ONNX's (as in the README)."""
+    n, _, out_h, out_w = offset.shape
+    return offset.reshape(n, n_groups, 2, n_taps, out_h, out_w)[
+        :, :, ::-1].transpose(0, 1, 3, 2, 4, 5).reshape(
+            n, 2 * n_groups * n_taps, out_h, out_w)
+
+
+def from_interleaved(offset, n_groups, n_taps):
+    """torchvision's and ONNX's layout -> ours (as in the README)."""
+    n, _, out_h, out_w = offset.shape
+    return offset.reshape(n, n_groups, n_taps, 2, out_h, out_w)[
+        :, :, :, ::-1].transpose(0, 1, 3, 2, 4, 5).reshape(
+            n, 2 * n_groups * n_taps, out_h, out_w)
+
+
+def onnx_deform_conv(x, offset, W, b, mask, stride, pad, dilate, groups,
+                     offset_groups):
+    """ONNX's ``DeformConv`` (opset 19) by ``onnx.reference``."""
+    onnx = pytest.importorskip('onnx')
+    from onnx import helper
+    from onnx import TensorProto
+    from onnx.reference import ReferenceEvaluator
+    kh, kw = W.shape[2:]
+    names = ['X', 'W', 'offset', 'B' if b is not None else '',
+             'mask' if mask is not None else '']
+    while not names[-1]:
+        names.pop()
+    node = helper.make_node(
+        'DeformConv', names, ['Y'], kernel_shape=[kh, kw],
+        strides=list(stride), pads=[pad[0], pad[1], pad[0], pad[1]],
+        dilations=list(dilate), group=groups, offset_group=offset_groups)
+    arrays = {'X': x, 'W': W, 'offset': offset, 'B': b, 'mask': mask}
+    graph = helper.make_graph(
+        [node], 'deform_conv',
+        [helper.make_tensor_value_info(name, TensorProto.DOUBLE,
+                                       arrays[name].shape)
+         for name in names if name],
+        [helper.make_tensor_value_info('Y', TensorProto.DOUBLE, [])])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid('', 19)])
+    onnx.checker.check_model(model)
+    y, = ReferenceEvaluator(model).run(
+        None, {name: arrays[name] for name in names if name})
+    return y
+
+
+def test_layout_conversion_round_trip():
+    offset = numpy.arange(2 * 2 * 3 * 6 * 4 * 5, dtype=float).reshape(
+        2, 36, 4, 5)
+    theirs = to_interleaved(offset, 3, 6)
+    # Group 1, tap 4: (dy, dx) next to each other in theirs.
+    assert theirs[1, 2 * (6 + 4), 2, 3] == offset[1, 12 + 6 + 4, 2, 3]
+    assert theirs[1, 2 * (6 + 4) + 1, 2, 3] == offset[1, 12 + 4, 2, 3]
+    numpy.testing.assert_array_equal(from_interleaved(theirs, 3, 6), offset)
+
+
+@pytest.mark.parametrize('seed', range(16))
+@pytest.mark.parametrize('use_numba', ['never', 'always'])
+def test_agrees_with_onnx_reference(seed, use_numba):
+    pytest.importorskip('onnx')
+    rng = numpy.random.RandomState(100 + seed)
+    groups = rng.choice([1, 2, 3])
+    offset_groups = rng.choice([1, 2, 3, 6])
+    c_in = 6 * rng.randint(1, 3)
+    c_out = groups * rng.randint(1, 3)
+    ksize = tuple(rng.randint(1, 4, size=2))
+    stride = tuple(rng.randint(1, 4, size=2))
+    pad = tuple(rng.randint(0, 3, size=2))
+    dilate = tuple(rng.randint(1, 3, size=2))
+    h, w = rng.randint(5, 9, size=2)
+    with_mask, nobias = seed % 2 == 0, seed % 3 == 0
+    x, offset, W, b, mask = make_general_inputs(
+        rng, rng.randint(1, 3), c_in, c_out, h, w, ksize, stride, pad,
+        dilate, groups, offset_groups, with_mask, spread=max(h, w),
+        nobias=nobias)
+    # onnx.reference's GridSample keeps sample coordinates in float32:
+    # offsets on a 1/256 grid give positions it holds exactly.
+    offset = numpy.round(offset * 256) / 256
+    with cpu_kernels(use_numba):
+        y = deformable.deformable_convolution_2d_sampler(
+            x, offset, W, b, stride, pad, dilate, groups, mask).array
+    n_taps = ksize[0] * ksize[1]
+    y_onnx = onnx_deform_conv(
+        x, to_interleaved(offset, offset_groups, n_taps), W, b, mask,
+        stride, pad, dilate, groups, offset_groups)
+    assert y.shape == y_onnx.shape
+    error = numpy.abs(y - y_onnx).max() / numpy.abs(y_onnx).max()
+    assert error <= 1e-10
+
+
+# --- Bad input ----------------------------------------------------------------
+
+class TestGeneralBadInput(unittest.TestCase):
+
+    def setUp(self):
+        self.x = numpy.zeros((2, 4, 6, 5), numpy.float32)
+        self.offset = numpy.zeros((2, 36, 6, 5), numpy.float32)   # G = 2
+        self.W = numpy.zeros((4, 2, 3, 3), numpy.float32)        # groups 2
+        self.mask = numpy.zeros((2, 18, 6, 5), numpy.float32)
+
+    def call(self, x=None, offset=None, W=None, mask=None, **kwargs):
+        kwargs.setdefault('groups', 2)
+        return deformable.deformable_convolution_2d_sampler(
+            self.x if x is None else x,
+            self.offset if offset is None else offset,
+            self.W if W is None else W, pad=1,
+            mask=self.mask if mask is None else mask, **kwargs)
+
+    def check(self, message, **kwargs):
+        with pytest.raises(type_check.InvalidType, match=message):
+            self.call(**kwargs)
+
+    def test_valid_call(self):
+        assert self.call().shape == (2, 4, 6, 5)
+
+    def test_groups_not_dividing_channels(self):
+        self.check(r'groups=3, 6 input and 4 output channels',
+                   x=numpy.zeros((2, 6, 6, 5), numpy.float32), groups=3)
+        self.check(r'in_types\[0\].shape\[1\] == in_types\[2\].shape\[1\] '
+                   r'\* 2', W=numpy.zeros((4, 3, 3, 3), numpy.float32))
+
+    def test_offset_channels_not_a_multiple(self):
+        self.check(r'offset has 35 channels.*|.*multiple of 2\*kh\*kw = 18',
+                   offset=self.offset[:, 1:])
+        self.check('offset has 0 channels', offset=self.offset[:, :0])
+
+    def test_offset_groups_not_dividing_channels(self):
+        self.check('G = 3, 4 input channels',
+                   offset=numpy.zeros((2, 54, 6, 5), numpy.float32))
+
+    def test_mask_shape_and_dtype(self):
+        self.check(r'mask shape is \(2, 9, 6, 5\)', mask=self.mask[:, :9])
+        self.check(r'mask shape is \(2, 18, 5, 5\)',
+                   mask=self.mask[:, :, 1:])
+        self.check(r'in_types\[3\].dtype == in_types\[0\].dtype',
+                   mask=self.mask.astype(numpy.float64))
+        self.check(r'in_types\[3\].ndim == 4', mask=self.mask[0])
+
+    def test_dilation_and_groups_below_one(self):
+        with pytest.raises(ValueError, match='dilate must be positive'):
+            self.call(dilate=0)
+        with pytest.raises(ValueError, match='dilate must be positive'):
+            self.call(dilate=(1, -1))
+        with pytest.raises(ValueError, match='groups must be positive'):
+            self.call(groups=0)
+
+
+testing.run_module(__name__, __file__)
