@@ -228,7 +228,8 @@ def test_python310_on_path_comes_before_pyenv_and_uv(machine):
     machine.install_pyenv()
     machine.on_path('uv', 'uv', FAKE_UV)
     assert found(machine.find()) == local
-    assert [call.split()[0] for call in machine.calls()] == ['local/python3.10']
+    assert [call.split()[0] for call in machine.calls()] == [
+        'local/python3.10']
 
 
 def test_python310_that_is_another_version_is_passed_over(machine):
@@ -266,7 +267,7 @@ def test_uv_downloads_310_when_online(machine):
     result = machine.find(FAKE_UV_NETWORK='online')
     assert found(result) == os.path.join(
         machine.uv_home, 'cpython-3.10', 'bin', 'python3.10')
-    assert 'downloading CPython 3.10' in result.stderr
+    assert 'downloading one with' in result.stderr
     assert machine.calls() == [
         'uv python find --system 3.10', 'uv python install 3.10',
         'uv python find --system 3.10',
