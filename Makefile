@@ -1,17 +1,26 @@
-# One-command setup: `make test` and `make demo` build .venv/ from scratch.
-PYTHON ?= python3.10
-# pyenv's python3.10 shim needs a selected version; harmless without pyenv.
-export PYENV_VERSION ?= 3.10.13
+# One-command setup: `make test` and `make demo` build .venv/ from scratch,
+# from the Python 3.10 that tools/find-python.sh finds or fetches (PYTHON=
+# names one).
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: venv test demo images bench clean
+.PHONY: venv test demo images bench clean FORCE
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py constraints.txt
-	$(PYTHON) -m venv $(VENV)
+# Which interpreter .venv/ is made from, chosen afresh on each run; a .venv/
+# made from another one (or before this record) is removed and made again.
+# Left untouched when unchanged, so that .installed stays up to date.
+$(VENV)/.python: FORCE
+	@python=$$(PYTHON='$(PYTHON)' sh tools/find-python.sh) || exit 1; \
+	echo "Python for $(VENV)/: $$python"; \
+	if [ "$$(cat $@ 2>/dev/null)" != "$$python" ]; then \
+		rm -rf $(VENV) && mkdir -p $(VENV) && echo "$$python" > $@; \
+	fi
+
+$(VENV)/.installed: $(VENV)/.python setup.py constraints.txt
+	"$$(cat $(VENV)/.python)" -m venv $(VENV)
 	# chainer and chainercv ship sdists whose setup.py imports pkg_resources,
 	# so build them against the pinned setuptools, without isolation.
 	$(PIP) setuptools wheel numpy
@@ -54,4 +63,4 @@ bench: venv
 	$(BIN)/python benchmarks/bench_sampler.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .uv-bootstrap .pytest_cache
