@@ -95,65 +95,111 @@ def import_torchvision(gpu):
 
 
 def to_torchvision_offset(offset, n_taps):
-    """Ours ``[dx of K taps, dy of K taps]`` -> interleaved ``(dy, dx)``."""
-    xp = chainer.backend.get_array_module(offset)
-    n, _, out_h, out_w = offset.shape
-    dx, dy = offset[:, :n_taps], offset[:, n_taps:]
-    return xp.stack((dy, dx), axis=2).reshape(n, 2 * n_taps, out_h, out_w)
+    """Ours (per group ``[dx of K taps, dy of K taps]``) -> torchvision's
+    interleaved ``(dy, dx)`` per tap; the README's line."""
+    n, channels, out_h, out_w = offset.shape
+    n_groups = channels // (2 * n_taps)
+    return offset.reshape(n, n_groups, 2, n_taps, out_h, out_w)[
+        :, :, ::-1].transpose(0, 1, 3, 2, 4, 5).reshape(
+            n, channels, out_h, out_w)
 
 
 def from_torchvision_offset(offset, n_taps):
-    """Interleaved ``(dy, dx)`` -> ours ``[dx..., dy...]``."""
-    n, _, out_h, out_w = offset.shape
-    pairs = offset.reshape(n, n_taps, 2, out_h, out_w)
-    return numpy.concatenate((pairs[:, :, 1], pairs[:, :, 0]), axis=1)
+    """torchvision's interleaved ``(dy, dx)`` -> ours; the README's line."""
+    n, channels, out_h, out_w = offset.shape
+    n_groups = channels // (2 * n_taps)
+    return offset.reshape(n, n_groups, n_taps, 2, out_h, out_w)[
+        :, :, :, ::-1].transpose(0, 1, 3, 2, 4, 5).reshape(
+            n, channels, out_h, out_w)
+
+
+INPUT_NAMES = ('x', 'offset', 'W', 'b', 'mask')
 
 
 class TorchvisionStep(object):
     """Forward (+ backward) of ``torchvision.ops.deform_conv2d`` on the
-    same data, shared with the other implementations' arrays (DLPack)."""
+    same data (shared through DLPack, offsets converted once, untimed).
 
-    def __init__(self, modules, arrays, pad, synchronize):
+    ``arrays`` are ``(x, offset, W, b)``; ``params`` our keyword arguments
+    (``pad``, and ``dilate``, ``groups``, ``mask`` if any).
+    """
+
+    def __init__(self, modules, arrays, params, synchronize):
         torch, self.ops = modules
         x, offset, W, b = arrays
-        n_taps = W.shape[2] * W.shape[3]
-        offset = to_torchvision_offset(offset, n_taps)
-        self.tensors = [torch.from_dlpack(a) for a in (x, offset, W, b)]
-        self.n_taps = n_taps
-        self.pad = pad
+        self.n_taps = W.shape[2] * W.shape[3]
+        xp = chainer.backend.get_array_module(x)
+        offset = xp.ascontiguousarray(
+            to_torchvision_offset(offset, self.n_taps))
+        inputs = [x, offset, W, b]
+        if params.get('mask') is not None:
+            inputs.append(params['mask'])
+        self.tensors = [torch.from_dlpack(a) for a in inputs]
+        self.arrays = arrays
+        self.params = params
         self.synchronize = synchronize
 
     def run(self, backward):
-        x, offset, W, b = [t.detach().requires_grad_(backward)
-                           for t in self.tensors]
-        y = self.ops.deform_conv2d(x, offset, W, b, padding=self.pad)
+        tensors = [t.detach().requires_grad_(backward) for t in self.tensors]
+        x, offset, W, b = tensors[:4]
+        y = self.ops.deform_conv2d(
+            x, offset, W, b, padding=self.params['pad'],
+            dilation=self.params.get('dilate', 1),
+            mask=tensors[4] if len(tensors) == 5 else None)
         if backward:
             y.backward(y.detach())
         self.synchronize()
-        return y, (x, offset, W, b)
+        return y, tensors
 
     def step(self, backward):
         return lambda: self.run(backward)
 
-    def max_relative_errors(self, arrays, pad):
-        """Ours against torchvision: output and the four gradients."""
+    def max_relative_errors(self):
+        """Ours against torchvision: the output and every gradient."""
         y, tensors = self.run(True)
-        y_ours, grads_ours = forward_backward_ours(arrays, pad)
         theirs = [y] + [t.grad for t in tensors]
         theirs = [t.detach().cpu().numpy() for t in theirs]
         theirs[2] = from_torchvision_offset(theirs[2], self.n_taps)
-        ours = [chainer.backend.CpuDevice().send(a)
-                for a in [y_ours] + grads_ours]
-        return [float(numpy.abs(a - t).max() / numpy.abs(t).max())
-                for a, t in zip(ours, theirs)]
+        ours = forward_backward_ours(self.arrays, self.params)
+        ours = [chainer.backend.CpuDevice().send(a) for a in ours]
+        names = ('y',) + INPUT_NAMES[:len(theirs) - 1]
+        return [(name, float(numpy.abs(a - t).max() / numpy.abs(t).max()))
+                for name, a, t in zip(names, ours, theirs)]
 
 
-def forward_backward_ours(arrays, pad):
+def forward_backward_ours(arrays, params):
+    """Our output and the gradients of x, offset, W, b (and mask)."""
+    params = dict(params)
     variables = [chainer.Variable(a) for a in arrays]
-    y = deformable.deformable_convolution_2d_sampler(*variables, pad=pad)
+    if params.get('mask') is not None:
+        params['mask'] = chainer.Variable(params['mask'])
+        variables.append(params['mask'])
+    y = deformable.deformable_convolution_2d_sampler(
+        *variables[:4], **params)
     y.grad = y.array
     y.backward()
-    return y.array, [v.grad for v in variables]
+    return [y.array] + [v.grad for v in variables]
+
+
+def check_against_torchvision(torchvision, arrays, params, label):
+    """Ours and torchvision's outputs and gradients, in float64.
+
+    In float64 they agree to rounding; in float32 a sample within an ulp
+    of an integer may fall on either side of the kink of bilinear
+    interpolation, which changes its offset gradient by O(1).
+    """
+    def to_float64(a):
+        return None if a is None else a.astype(numpy.float64)
+    params = {name: to_float64(value) if name == 'mask' else value
+              for name, value in params.items()}
+    reference = TorchvisionStep(torchvision, [to_float64(a) for a in arrays],
+                                params, lambda: None)
+    errors = reference.max_relative_errors()
+    print('# {}: ours vs torchvision (float64), max relative error of {}'
+          .format(label, ', '.join('{} {:.1e}'.format(*e) for e in errors)))
+    if max(e for _, e in errors) > 1e-9:
+        raise SystemExit('ours and torchvision disagree on {}: check the '
+                         'offset conversion'.format(label))
 
 
 def median_times(steps, repeats):
@@ -192,16 +238,10 @@ def bench_op(args, xp, synchronize):
         arrays, pad = make_inputs(SHAPES[shape_name], xp)
         reference = None
         if torchvision is not None:
-            reference = TorchvisionStep(torchvision, arrays, pad, synchronize)
-            errors = reference.max_relative_errors(arrays, pad)
-            print('# {}: ours vs torchvision, max relative error of y, gx, '
-                  'goffset, gW, gb: {}'.format(
-                      shape_name, ' '.join('{:.1e}'.format(e)
-                                           for e in errors)))
-            if max(errors) > 1e-3:
-                raise SystemExit('ours and torchvision disagree on {}: '
-                                 'check the offset conversion'.format(
-                                     shape_name))
+            check_against_torchvision(torchvision, arrays, {'pad': pad},
+                                      shape_name)
+            reference = TorchvisionStep(torchvision, arrays, {'pad': pad},
+                                        synchronize)
         for backward in (False, True):
             steps = {name: make_step(f, arrays, pad, backward, synchronize)
                      for name, f in implementations}
@@ -233,29 +273,42 @@ FEATURES = [
 
 
 def bench_features(args, xp, synchronize):
-    """Each feature's cost relative to the default (DCNv1) op."""
+    """Each feature's cost relative to the default (DCNv1) op, and
+    torchvision's on the same features where it is installed."""
     n, c_in, c_out, h, w, k, _ = SHAPES['mnist-l2']
     rng = numpy.random.RandomState(0)
+    torchvision = import_torchvision(args.gpu)
+    cases = []
+    for name, params, n_groups in FEATURES:
+        params = dict(params)
+        groups = params.get('groups', 1)
+        arrays = [
+            rng.uniform(-1, 1, (n, c_in, h, w)),
+            rng.uniform(-2, 2, (n, 2 * n_groups * k * k, h, w)),
+            rng.uniform(-1, 1, (c_out, c_in // groups, k, k)) / numpy.sqrt(
+                c_in // groups * k * k),
+            rng.uniform(-1, 1, (c_out,)),
+        ]
+        arrays = [xp.asarray(a, dtype=numpy.float32) for a in arrays]
+        if params.pop('mask', False):
+            params['mask'] = xp.asarray(rng.uniform(
+                0, 1, (n, n_groups * k * k, h, w)), dtype=numpy.float32)
+        params.setdefault('pad', 1)
+        reference = None
+        if torchvision is not None:
+            check_against_torchvision(torchvision, arrays, params, name)
+            reference = TorchvisionStep(torchvision, arrays, params,
+                                        synchronize)
+        cases.append((name, arrays, params, reference))
     rows = []
     for backward in (False, True):
         steps = {}
-        for name, params, n_groups in FEATURES:
-            params = dict(params)
-            groups = params.get('groups', 1)
-            arrays = [
-                rng.uniform(-1, 1, (n, c_in, h, w)),
-                rng.uniform(-2, 2, (n, 2 * n_groups * k * k, h, w)),
-                rng.uniform(-1, 1, (c_out, c_in // groups, k, k)) / numpy.sqrt(
-                    c_in // groups * k * k),
-                rng.uniform(-1, 1, (c_out,)),
-            ]
-            if params.pop('mask', False):
-                params['mask'] = xp.asarray(rng.uniform(
-                    0, 1, (n, n_groups * k * k, h, w)), dtype=numpy.float32)
-            params.setdefault('pad', 1)
-            arrays = [xp.asarray(a, dtype=numpy.float32) for a in arrays]
+        for name, arrays, params, reference in cases:
             steps[name] = make_feature_step(arrays, params, backward,
                                             synchronize)
+            if reference is not None:
+                steps['{}, torchvision'.format(name)] = reference.step(
+                    backward)
         medians = median_times(steps, args.repeats)
         for name in steps:
             rows.append(('mnist-l2', 'fwd+bwd' if backward else 'fwd', name,

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Forward and backward on the GPU with offsets far outside the image.
 
+DCNv1 cases and general ones (dilation, groups, offset groups, a mask).
+
 Run under ``compute-sanitizer --tool memcheck``: offsets of +-1e30, +-inf,
 NaN, a few image sizes away and exactly on the clamping limits push every
 kernel's corner arithmetic to its edges. CuPy's memory pool is switched off
@@ -33,6 +35,10 @@ def extreme_offsets(shape, size, rng):
     return offset
 
 
+def pair(value):
+    return (value, value) if isinstance(value, int) else value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--plant-out-of-bounds', action='store_true',
@@ -53,26 +59,36 @@ def main():
         _gpu.PREAMBLE = _gpu.PREAMBLE.replace(check, 'true ?')
 
     rng = numpy.random.RandomState(0)
-    cases = [((2, 3, 9, 8), (4, 3, 3, 3), 1, 1),
-             ((3, 2, 5, 11), (3, 2, 2, 3), (2, 1), (0, 2)),
-             ((1, 4, 1, 1), (2, 4, 1, 1), 1, 0)]
+    # (x shape, W shape, stride, pad, dilate, groups, offset groups, mask)
+    cases = [((2, 3, 9, 8), (4, 3, 3, 3), 1, 1, 1, 1, 1, False),
+             ((3, 2, 5, 11), (3, 2, 2, 3), (2, 1), (0, 2), 1, 1, 1, False),
+             ((1, 4, 1, 1), (2, 4, 1, 1), 1, 0, 1, 1, 1, False),
+             ((2, 8, 9, 7), (4, 4, 3, 3), 1, 2, 2, 2, 4, True),
+             ((2, 4, 6, 10), (6, 2, 2, 3), (1, 2), (1, 3), (2, 3), 2, 2,
+              True)]
     for dtype in (numpy.float32, numpy.float64, numpy.float16):
-        for x_shape, w_shape, stride, pad in cases:
+        for (x_shape, w_shape, stride, pad, dilate, groups, offset_groups,
+             with_mask) in cases:
             n, c, h, w = x_shape
             out_c, _, kh, kw = w_shape
-            sy, sx = (stride, stride) if isinstance(stride, int) else stride
-            ph, pw = (pad, pad) if isinstance(pad, int) else pad
-            out_h = (h + 2 * ph - kh) // sy + 1
-            out_w = (w + 2 * pw - kw) // sx + 1
-            arrays = (rng.uniform(-1, 1, x_shape),
-                      extreme_offsets((n, 2 * kh * kw, out_h, out_w),
-                                      (h, w), rng),
+            sy, sx = pair(stride)
+            ph, pw = pair(pad)
+            dy, dx = pair(dilate)
+            out_h = (h + 2 * ph - dy * (kh - 1) - 1) // sy + 1
+            out_w = (w + 2 * pw - dx * (kw - 1) - 1) // sx + 1
+            taps = offset_groups * kh * kw
+            arrays = [rng.uniform(-1, 1, x_shape),
+                      extreme_offsets((n, 2 * taps, out_h, out_w), (h, w),
+                                      rng),
                       rng.uniform(-1, 1, w_shape),
-                      rng.uniform(-1, 1, (out_c,)))
+                      rng.uniform(-1, 1, (out_c,))]
+            if with_mask:
+                arrays.append(rng.uniform(-1, 2, (n, taps, out_h, out_w)))
             variables = [chainer.Variable(cupy.asarray(a, dtype))
                          for a in arrays]
             y = deformable.deformable_convolution_2d_sampler(
-                *variables, stride=stride, pad=pad)
+                *variables[:4], stride=stride, pad=pad, dilate=dilate,
+                groups=groups, mask=variables[4] if with_mask else None)
             F.sum(y).backward()
             cupy.cuda.Device().synchronize()
             gx = cupy.asnumpy(variables[0].grad)

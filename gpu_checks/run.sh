@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of this project, in one run on a GPU machine (see
 # results/gpu/README.md): the GPU tests, compute-sanitizer on extreme offsets,
-# one epoch of each convnet and the benchmark. Needs Chainer and ChainerCV's
+# one epoch of each convnet (DCNv1, regular, DCNv2) and the benchmark. Needs Chainer and ChainerCV's
 # Python files importable, e.g. the device kit in .devkit/ (Chainer, ChainerCV,
 # a NumPy-2 shim and MNIST; built by the team's build-kit.sh). Writes its
 # summaries to $OUT (default results/gpu); each step has its own time limit so
@@ -43,7 +43,7 @@ compute-sanitizer --version 2>&1 | tail -1
 
 step 'pytest -m gpu'
 timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu -n 4 -rfEs \
-    tests/test_sampler.py tests/test_links.py \
+    tests/test_sampler.py tests/test_sampler_general.py tests/test_links.py \
     2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
 
 step 'compute-sanitizer memcheck: extreme offsets'
@@ -52,7 +52,7 @@ timeout 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
 echo "exit status $?" >> "$OUT/memcheck.txt"
 tail -4 "$OUT/memcheck.txt"
 
-for d in 1 0; do
+for d in 1 0 2; do
   step "train_mnist.py --gpu $GPU --deformable $d, one epoch $TRAIN_FLAGS"
   (cd experiments && timeout 100 $PY train_mnist.py --gpu $GPU --deformable $d \
       --epoch 1 --seed 0 $TRAIN_FLAGS --out "$WORK/train$d" \
@@ -66,6 +66,7 @@ step "benchmarks/bench_sampler.py --gpu $GPU"
 {
   timeout 110 $PY benchmarks/bench_sampler.py --gpu $GPU --repeats 7
   timeout 40 $PY benchmarks/bench_sampler.py --gpu $GPU --mode train --repeats 7
+  timeout 60 $PY benchmarks/bench_sampler.py --gpu $GPU --mode features --repeats 7
 } 2>&1 | tee "$OUT/bench-gpu.md"
 
 step 'compute-sanitizer memcheck: planted out-of-bounds read (must report errors)'
