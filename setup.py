@@ -15,8 +15,9 @@ setup(
     install_requires=['chainer>=7.8.1', 'numpy<2'],
     extras_require={
         'experiments': ['chainercv==0.13.1', 'matplotlib'],
-        # Compiled CPU loops (several times faster); used when installed.
-        'fast': ['numba'],
+        # Compiled CPU loops (several times faster), used when installed;
+        # threadpoolctl holds BLAS to one thread while they use every core.
+        'fast': ['numba', 'threadpoolctl'],
         'gpu': ['cupy-cuda12x<14'],
         # onnx: its reference evaluator's DeformConv checks the general op.
         'test': ['pytest', 'nbclient', 'nbformat', 'ipykernel', 'onnx'],

@@ -25,13 +25,6 @@ def _compute_dtype(dtype):
     return numpy.float32 if dtype == numpy.float16 else dtype
 
 
-def _cpu_weight(W, dtype):
-    """``W`` as ``(K, c_in, c_out)``, the CPU columns' weight layout."""
-    out_c, c, kh, kw = W.shape
-    return numpy.ascontiguousarray(
-        W.transpose(2, 3, 1, 0).reshape(kh * kw, c, out_c), dtype=dtype)
-
-
 def _gpu_array(array, dtype):
     # The kernels index their raw inputs as C-contiguous.
     return cuda.cupy.ascontiguousarray(array, dtype=dtype)
@@ -169,22 +162,12 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
     def forward_cpu(self, inputs):
         self._retain(inputs)
         x, offset, W, b, mask = self._split_inputs(inputs)
-        dtype = _compute_dtype(x.dtype)
-        out_c, _, kh, kw = W.shape
-        n, _, out_h, out_w = offset.shape
         stride, pad, dilate, groups = self._geometry_params
-
-        geometry = _cpu.Geometry(offset, x.shape, (kh, kw), stride, pad,
-                                 dtype, dilate, mask)
-        plane = _cpu.bordered_plane(x, dtype)
-        columns = _cpu.sample_columns(plane, geometry)
-        y = _cpu.convolve_columns(columns, _cpu_weight(W, dtype), groups)
-        if b is not None:
-            y += b
-        y = y.reshape(n, out_h, out_w, out_c).transpose(0, 3, 1, 2)
-        self._saved = {'geometry': geometry, 'plane': plane,
-                       'columns': columns}
-        return numpy.ascontiguousarray(y, dtype=x.dtype),
+        problem = _cpu.Problem(x.shape, offset.shape, W.shape, stride, pad,
+                               dilate, groups, _compute_dtype(x.dtype))
+        y, plane = _cpu.forward(x, offset, W, b, mask, problem)
+        self._saved = {'plane': plane}
+        return y.astype(x.dtype, copy=False),
 
     def forward_gpu(self, inputs):
         from deformable import _gpu
@@ -241,49 +224,24 @@ class DeformableConvolution2DSamplerGrad(function_node.FunctionNode):
     itself: double backward through bilinear sampling is not implemented.
     """
 
-    def __init__(self, geometry_params, columns=None, geometry=None,
-                 plane=None):
-        # columns, geometry, plane: the forward's, to save recomputing them.
+    def __init__(self, geometry_params, columns=None, plane=None):
+        # columns (GPU), plane (CPU): the forward's, to save recomputing them.
         self.stride, self.pad, self.dilate, self.groups = geometry_params
         self._columns = columns
-        self._geometry = geometry
         self._plane = plane
 
     def forward_cpu(self, inputs):
         x, offset, W, gy = inputs[:4]
         mask = inputs[4] if len(inputs) == 5 else None
-        dtype = _compute_dtype(x.dtype)
-        out_c, c_group, kh, kw = W.shape
-
-        geometry = self._geometry
-        if geometry is None:
-            geometry = _cpu.Geometry(offset, x.shape, (kh, kw), self.stride,
-                                     self.pad, dtype, self.dilate, mask)
+        problem = _cpu.Problem(x.shape, offset.shape, W.shape, self.stride,
+                               self.pad, self.dilate, self.groups,
+                               _compute_dtype(x.dtype))
         plane = self._plane
         if plane is None:
-            plane = _cpu.bordered_plane(x, dtype)
-        columns = self._columns
-        if columns is None:
-            columns = _cpu.sample_columns(plane, geometry)
-        # (P, out_c), rows in the columns' sample order.
-        gy = numpy.ascontiguousarray(
-            gy.transpose(0, 2, 3, 1).reshape(-1, out_c), dtype=dtype)
-        grad_plane, grad_y, grad_x, grad_weight, grad_mask = _cpu.backward(
-            plane, geometry, columns, gy, _cpu_weight(W, dtype), self.groups)
-
-        gx = _cpu.crop_plane(grad_plane, x.shape)
-        n, _, out_h, out_w = offset.shape
-        n_groups = geometry.n_groups
-        # (G*K, P) each -> offset's (n, G * [dx of K taps, dy of K taps]).
-        goffset = numpy.stack(
-            (grad_x.reshape(n_groups, kh * kw, n, out_h, out_w),
-             grad_y.reshape(n_groups, kh * kw, n, out_h, out_w)), axis=1)
-        goffset = goffset.transpose(3, 0, 1, 2, 4, 5).reshape(offset.shape)
-        gW = grad_weight.reshape(kh, kw, c_group, out_c).transpose(3, 2, 0, 1)
-        grads = (gx, goffset, gW)
-        if mask is not None:
-            grads += grad_mask.reshape(-1, n, out_h, out_w).transpose(
-                1, 0, 2, 3),
+            plane = _cpu.bordered_plane(x, problem.dtype)
+        grads = _cpu.backward(plane, offset, W, gy, mask, problem)
+        if mask is None:
+            grads = grads[:3]
         return tuple(numpy.ascontiguousarray(g, dtype=x.dtype)
                      for g in grads)
 

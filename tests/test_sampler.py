@@ -354,6 +354,44 @@ class TestScatterMultiplicity(unittest.TestCase):
             assert relative_error(g, g_ref) < 1e-10
 
 
+@testing.parameterize(*testing.product({'use_numba': CPU_KERNELS}))
+class TestDeterministicAndChunked(unittest.TestCase):
+    """Bit-identical gradients from run to run, whatever the threads do;
+    and the same results however the batch is cut into chunks."""
+
+    def setUp(self):
+        select_cpu_kernels(self)
+        rng = numpy.random.RandomState(6)
+        # Collapsed offsets: many samples scatter onto the same pixels.
+        x, offset, W, b = make_inputs(7, 8, 6, 9, 8, (3, 3), (1, 1),
+                                      (1, 1), numpy.float32, rng, spread=2)
+        offset[:, :, 3:6] = offset[:, :, 4:5]
+        self.inputs = (x, offset, W, b)
+        self.gy = rng.uniform(-1, 1, (7, 6, 9, 8)).astype(numpy.float32)
+        self.mask = rng.uniform(0, 1, (7, 9, 9, 8)).astype(numpy.float32)
+
+    def run_op(self, **kwargs):
+        _, grads = forward_backward(
+            lambda *v, **p: deformable.deformable_convolution_2d_sampler(
+                *v, mask=self.mask, **p),
+            self.inputs, self.gy, 1, 1)
+        return grads
+
+    def test_two_backward_runs_are_bit_identical(self):
+        first = self.run_op()
+        for _ in range(3):
+            for a, b in zip(first, self.run_op()):
+                numpy.testing.assert_array_equal(a, b)
+
+    def test_chunks_do_not_change_results(self):
+        with mock.patch.object(_cpu, 'CHUNK_BYTES', 1):   # 2 images each
+            chunked = self.run_op()
+        with mock.patch.object(_cpu, 'CHUNK_BYTES', 2 ** 30):   # one chunk
+            whole = self.run_op()
+        for a, b in zip(chunked, whole):
+            numpy.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 class TestGradNodeWithoutCache(unittest.TestCase):
 
     def test_recomputed_forward_state_matches(self):
