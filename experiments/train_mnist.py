@@ -22,6 +22,7 @@ from chainer.training import extensions
 import mnist_data
 from models import Convnet
 from models import DeformableConvnet
+import plots
 import scaled_mnist
 
 
@@ -169,13 +170,8 @@ def main(argv=None):
     trainer.extend(RandomStates())
 
     trainer.extend(extensions.LogReport())
-    if extensions.PlotReport.available():
-        trainer.extend(extensions.PlotReport(
-            ['main/loss', 'validation/main/loss'], 'epoch',
-            file_name='loss.png'))
-        trainer.extend(extensions.PlotReport(
-            ['main/accuracy', 'validation/main/accuracy'], 'epoch',
-            file_name='accuracy.png'))
+    for plot_report in plots.plot_reports():
+        trainer.extend(plot_report)
     trainer.extend(extensions.PrintReport(
         ['epoch', 'main/loss', 'validation/main/loss',
          'main/accuracy', 'validation/main/accuracy', 'elapsed_time']))

@@ -549,6 +549,36 @@ def test_resumed_run_repeats_an_unbroken_one(trained, deformable, prefix):
         numpy.testing.assert_array_equal(resumed[name], unbroken[name], name)
 
 
+def _log_without_times(run):
+    with open(str(run / 'log')) as f:
+        return [{key: value for key, value in entry.items()
+                 if key != 'elapsed_time'} for entry in json.load(f)]
+
+
+def _same_plots(run, other):
+    for name in ('loss.png', 'accuracy.png'):
+        assert (run / name).read_bytes() == (other / name).read_bytes(), name
+
+
+@pytest.mark.parametrize('deformable', [1, 0])
+def test_resumed_run_writes_what_an_unbroken_one_does(trained, deformable):
+    # PlotReport's trigger comes back from the snapshot too: otherwise it
+    # fires at the first update after resuming and plots that one batch.
+    _, _, out, _ = trained
+    resumed, unbroken = out / str(deformable), out / '{}-unbroken'.format(
+        deformable)
+    assert _log_without_times(resumed) == _log_without_times(unbroken)
+    _same_plots(resumed, unbroken)
+
+
+def test_plots_redrawn_from_the_log_are_those_of_training(trained, tmp_path):
+    import plots
+    _, _, out, _ = trained
+    shutil.copy(str(out / '1-unbroken' / 'log'), str(tmp_path))
+    plots.redraw(str(tmp_path))
+    _same_plots(out / '1-unbroken', tmp_path)
+
+
 def test_visualize_side_by_side(trained):
     import matplotlib.image
     tmp, env, out, _ = trained
