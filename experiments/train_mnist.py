@@ -10,6 +10,7 @@ import os
 import pickle
 import random
 import zipfile
+import zlib
 
 import matplotlib
 import numpy
@@ -65,6 +66,35 @@ class RandomStates(training.Extension):
                                     int(has_gauss), float(cached_gaussian)))
 
 
+class FlagMismatch(Exception):
+    pass
+
+
+class RunFlags(training.Extension):
+    """Keeps in trainer snapshots the flags that a run resumed from one must
+    share with the run that wrote it; loading one written with other values
+    raises :class:`FlagMismatch`, naming the flag."""
+
+    trigger = None  # state only: never called
+    # How each flag is named in messages.
+    NAMES = {'deformable': '--deformable', 'batchsize': '--batchsize',
+             'train_size': '--train-size', 'test_size': '--test-size'}
+
+    def __init__(self, **flags):
+        self.flags = flags
+
+    def __call__(self, trainer):
+        pass
+
+    def serialize(self, serializer):
+        for key, value in sorted(self.flags.items()):
+            saved = int(serializer(key, value))
+            if saved != value:
+                raise FlagMismatch(
+                    'it was written by a run with {0} {1}, this one has {0} '
+                    '{2}'.format(self.NAMES[key], saved, value))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Scaled MNIST with and without deformable convolutions')
@@ -107,6 +137,32 @@ def parse_args(argv=None):
     if args.resume is not None and not os.path.isfile(args.resume):
         parser.error('--resume: no such file: {}'.format(args.resume))
     return args
+
+
+def resume(trainer, path, flags):
+    """Loads a trainer snapshot into ``trainer``; returns an error message
+    (None on success).
+
+    ``flags``, a :class:`RunFlags` of the trainer, are read first: a
+    snapshot of a run with other flags is refused, naming the flag, before
+    anything of it is loaded.
+    """
+    try:
+        chainer.serializers.load_npz(
+            path, flags, path='extensions/{}/'.format(flags.name))
+        chainer.serializers.load_npz(path, trainer)
+    except FlagMismatch as e:
+        return 'cannot resume from {}: {}; resume with the same ' \
+            'flags.'.format(path, e)
+    except KeyError as e:
+        return 'cannot resume from {}: not a trainer snapshot of ' \
+            'train_mnist.py (snapshot_[non_]deformable_N), or one written ' \
+            'before it kept its flags ({}).'.format(path, e.args[0])
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError,
+            zipfile.BadZipFile, zlib.error) as e:
+        return 'cannot resume from {}: unreadable ({}): not a trainer ' \
+            'snapshot, or a truncated or damaged one.'.format(path, e)
+    return None
 
 
 def main(argv=None):
@@ -168,6 +224,9 @@ def main(argv=None):
     trainer.extend(extensions.snapshot(filename=trainer_filename),
                    trigger=(1, 'epoch'))
     trainer.extend(RandomStates())
+    flags = RunFlags(deformable=args.deformable, batchsize=args.batchsize,
+                     train_size=len(train), test_size=len(test))
+    trainer.extend(flags)
 
     trainer.extend(extensions.LogReport())
     for plot_report in plots.plot_reports():
@@ -177,17 +236,11 @@ def main(argv=None):
          'main/accuracy', 'validation/main/accuracy', 'elapsed_time']))
     trainer.extend(extensions.ProgressBar())
 
+    # Before anything is written to --out.
     if args.resume is not None:
-        try:
-            chainer.serializers.load_npz(args.resume, trainer)
-        # A model snapshot, another model's, a non-npz file, ...
-        except (KeyError, ValueError, OSError, pickle.UnpicklingError,
-                zipfile.BadZipFile) as e:
-            raise SystemExit(
-                'error: cannot resume from {}: {}: {}\nIt must be a trainer '
-                'snapshot (snapshot_[non_]deformable_N) written by a run with '
-                'the same --deformable and --train-size.'.format(
-                    args.resume, type(e).__name__, e))
+        error = resume(trainer, args.resume, flags)
+        if error:
+            raise SystemExit('error: ' + error)
 
     trainer.run()
 

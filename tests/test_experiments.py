@@ -624,7 +624,6 @@ def test_visualize_bad_arguments(trained, args, message):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--resume', '{out}/0/snapshot_non_deformable_1'], 'cannot resume'),
     (['--resume', '{out}/1/nothere'], 'no such file'),
     (['--train-size', '0'], 'must be a positive integer'),
     (['--deformable', '2'], 'invalid choice'),
@@ -638,6 +637,55 @@ def test_train_bad_arguments(trained, args, message):
     assert result.returncode != 0
     assert message in result.stdout
     assert 'Traceback' not in result.stdout
+
+
+def _damage(path, how):
+    data = bytearray(path.read_bytes())
+    if how == 'truncated':
+        del data[len(data) // 2:]
+    else:  # some bytes inverted halfway through
+        middle = len(data) // 2
+        data[middle:middle + 16] = bytes(b ^ 0xff for b in data[
+            middle:middle + 16])
+    path.write_bytes(bytes(data))
+
+
+def _contents(directory):
+    """Every path under ``directory``, with its bytes and time if a file."""
+    return {str(path.relative_to(directory)): (path.read_bytes(),
+                                               path.stat().st_mtime_ns)
+            if path.is_file() else None for path in directory.rglob('*')}
+
+
+@pytest.mark.parametrize('damage, args, message', [
+    ('truncated', [], 'a truncated or damaged one'),
+    ('inverted', [], 'a truncated or damaged one'),
+    (None, ['--deformable', '0'],
+     'written by a run with --deformable 1, this one has --deformable 0'),
+    (None, ['--batchsize', '25'],
+     'written by a run with --batchsize 50, this one has --batchsize 25'),
+    (None, ['--train-size', '60'],
+     'with --train-size 100, this one has --train-size 60'),
+    (None, ['--resume', 'run/model_iter_2'], 'not a trainer snapshot'),
+])
+def test_resume_refuses_and_leaves_the_run_as_it_was(trained, tmp_path,
+                                                      damage, args, message):
+    # Resuming the deformable run (2 epochs) to epoch 3 in its directory.
+    _, env, out, _ = trained
+    run = tmp_path / 'run'
+    shutil.copytree(str(out / '1'), str(run))
+    if damage:
+        _damage(run / 'snapshot_deformable_2', damage)
+    before = _contents(run)
+    result = _run([os.path.join(EXPERIMENTS, 'train_mnist.py'),
+                   '--deformable', '1', '--batchsize', '50', '--train-size',
+                   '100', '--test-size', '40', '--epoch', '3', '--out', 'run',
+                   '--resume', 'run/snapshot_deformable_2'] + args,
+                  str(tmp_path), env, ok=False)
+    assert result.returncode == 1, result.stdout
+    assert message in result.stdout
+    assert 'Traceback' not in result.stdout
+    assert _contents(run) == before
 
 
 def test_train_gpu_without_cupy(trained):
