@@ -18,6 +18,9 @@ setup(
         # Compiled CPU loops (several times faster); used when installed.
         'fast': ['numba'],
         'gpu': ['cupy-cuda12x<14'],
+        # ChainerMN (in chainer) over MPI: mpi4py and an MPI runtime from
+        # PyPI, mpiexec included, so that no system MPI is needed.
+        'distributed': ['mpi4py', 'mpich'],
         'test': ['pytest', 'nbclient', 'nbformat', 'ipykernel'],
     },
     license='MIT',
