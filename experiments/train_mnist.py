@@ -207,6 +207,20 @@ def parse_args(argv=None):
     return args
 
 
+def mpi_takes_gpu_arrays(mpi_comm):
+    """Whether the MPI library reads GPU memory (is CUDA-aware), as the
+    memory kinds it reports say (MPI 4.1); None where it reports none."""
+    info = mpi_comm.Get_info()
+    try:
+        kinds = info.get('mpi_memory_alloc_kinds')
+    finally:
+        if hasattr(info, 'Free'):
+            info.Free()
+    if kinds is None:
+        return None
+    return any(kind.startswith('cuda') for kind in kinds.split(','))
+
+
 def fail(comm, message):
     """Ends this process; rank 0 says why (``comm``: a ChainerMN or MPI
     communicator, or None)."""
@@ -231,6 +245,13 @@ def create_communicator(args):
             args.communicator, e))
     if args.gpu < 0:
         return comm, chainer.get_device(-1)
+    # naive gives MPI the GPU arrays themselves; an MPI that cannot read GPU
+    # memory (like PyPI's MPICH) would crash on them.
+    if (args.communicator == 'naive' and comm.size > 1
+            and mpi_takes_gpu_arrays(comm.mpi_comm) is False):
+        fail(comm, '--communicator naive with --gpu needs an MPI library '
+             'that reads GPU memory (CUDA-aware), and this one does not: '
+             'use --communicator pure_nccl on GPUs, or naive on the CPU')
     gpus = chainer.backends.cuda.cupy.cuda.runtime.getDeviceCount()
     # Every process learns whether any machine lacks GPUs, so all stop.
     if comm.allreduce_obj(int(comm.intra_size > gpus)):

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import types
 
 import numpy
 import pytest
@@ -724,6 +725,20 @@ def test_process_seeds():
     assert len(set(seeds)) == 4
     assert seeds == [train_mnist.process_seed(7, rank) for rank in range(4)]
     assert train_mnist.process_seed(8, 1) not in seeds
+
+
+def test_which_mpi_takes_gpu_arrays():
+    import train_mnist
+
+    def comm(**info):  # a dict has MPI.Info's get
+        return types.SimpleNamespace(Get_info=lambda: info)
+
+    # PyPI's MPICH; Open MPI built with CUDA; an MPI older than 4.1.
+    assert train_mnist.mpi_takes_gpu_arrays(
+        comm(mpi_memory_alloc_kinds='mpi,system')) is False
+    assert train_mnist.mpi_takes_gpu_arrays(comm(
+        mpi_memory_alloc_kinds='system,mpi,cuda:device,cuda:host')) is True
+    assert train_mnist.mpi_takes_gpu_arrays(comm()) is None
 
 
 # --- ChainerMN: two processes on the CPU ----------------------------------
