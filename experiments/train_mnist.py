@@ -211,11 +211,8 @@ def mpi_takes_gpu_arrays(mpi_comm):
     """Whether the MPI library reads GPU memory (is CUDA-aware), as the
     memory kinds it reports say (MPI 4.1); None where it reports none."""
     info = mpi_comm.Get_info()
-    try:
-        kinds = info.get('mpi_memory_alloc_kinds')
-    finally:
-        if hasattr(info, 'Free'):
-            info.Free()
+    kinds = info.get('mpi_memory_alloc_kinds')
+    info.Free()
     if kinds is None:
         return None
     return any(kind.startswith('cuda') for kind in kinds.split(','))

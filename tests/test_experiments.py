@@ -727,11 +727,18 @@ def test_process_seeds():
     assert train_mnist.process_seed(8, 1) not in seeds
 
 
+class _Info(dict):
+    """What mpi_takes_gpu_arrays uses of an MPI.Info."""
+
+    def Free(self):
+        pass
+
+
 def test_which_mpi_takes_gpu_arrays():
     import train_mnist
 
-    def comm(**info):  # a dict has MPI.Info's get
-        return types.SimpleNamespace(Get_info=lambda: info)
+    def comm(**info):
+        return types.SimpleNamespace(Get_info=lambda: _Info(info))
 
     # PyPI's MPICH; Open MPI built with CUDA; an MPI older than 4.1.
     assert train_mnist.mpi_takes_gpu_arrays(
