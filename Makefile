@@ -24,7 +24,7 @@ $(VENV)/.installed: $(VENV)/.python setup.py constraints.txt
 	# chainer and chainercv ship sdists whose setup.py imports pkg_resources,
 	# so build them against the pinned setuptools, without isolation.
 	$(PIP) setuptools wheel numpy
-	$(PIP) --no-build-isolation -e '.[experiments,fast,test]'
+	$(PIP) --no-build-isolation -e '.[experiments,fast,test,distributed]'
 	touch $@
 
 test: venv

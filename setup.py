@@ -19,6 +19,9 @@ setup(
         # threadpoolctl holds BLAS to one thread while they use every core.
         'fast': ['numba', 'threadpoolctl'],
         'gpu': ['cupy-cuda12x<14'],
+        # ChainerMN (in chainer) over MPI: mpi4py and an MPI runtime from
+        # PyPI, mpiexec included, so that no system MPI is needed.
+        'distributed': ['mpi4py', 'mpich'],
         # onnx: its reference evaluator's DeformConv checks the general op.
         'test': ['pytest', 'nbclient', 'nbformat', 'ipykernel', 'onnx'],
     },

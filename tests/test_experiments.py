@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import types
 
 import numpy
 import pytest
@@ -565,6 +566,36 @@ def test_resumed_run_repeats_an_unbroken_one(trained, deformable, prefix):
         numpy.testing.assert_array_equal(resumed[name], unbroken[name], name)
 
 
+def _log_without_times(run):
+    with open(str(run / 'log')) as f:
+        return [{key: value for key, value in entry.items()
+                 if key != 'elapsed_time'} for entry in json.load(f)]
+
+
+def _same_plots(run, other):
+    for name in ('loss.png', 'accuracy.png'):
+        assert (run / name).read_bytes() == (other / name).read_bytes(), name
+
+
+@pytest.mark.parametrize('deformable', [1, 0])
+def test_resumed_run_writes_what_an_unbroken_one_does(trained, deformable):
+    # PlotReport's trigger comes back from the snapshot too: otherwise it
+    # fires at the first update after resuming and plots that one batch.
+    _, _, out, _ = trained
+    resumed, unbroken = out / str(deformable), out / '{}-unbroken'.format(
+        deformable)
+    assert _log_without_times(resumed) == _log_without_times(unbroken)
+    _same_plots(resumed, unbroken)
+
+
+def test_plots_redrawn_from_the_log_are_those_of_training(trained, tmp_path):
+    import plots
+    _, _, out, _ = trained
+    shutil.copy(str(out / '1-unbroken' / 'log'), str(tmp_path))
+    plots.redraw(str(tmp_path))
+    _same_plots(out / '1-unbroken', tmp_path)
+
+
 def test_visualize_side_by_side(trained):
     import matplotlib.image
     tmp, env, out, _ = trained
@@ -610,10 +641,11 @@ def test_visualize_bad_arguments(trained, args, message):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--resume', '{out}/0/snapshot_non_deformable_1'], 'cannot resume'),
     (['--resume', '{out}/1/nothere'], 'no such file'),
     (['--train-size', '0'], 'must be a positive integer'),
     (['--deformable', '3'], 'invalid choice'),
+    (['--communicator', 'mpi'], 'invalid choice'),
+    (['--communicator', 'pure_nccl'], 'pure_nccl runs on GPUs only'),
 ])
 def test_train_bad_arguments(trained, args, message):
     _, env, out, _ = trained
@@ -626,6 +658,55 @@ def test_train_bad_arguments(trained, args, message):
     assert 'Traceback' not in result.stdout
 
 
+def _damage(path, how):
+    data = bytearray(path.read_bytes())
+    if how == 'truncated':
+        del data[len(data) // 2:]
+    else:  # some bytes inverted halfway through
+        middle = len(data) // 2
+        data[middle:middle + 16] = bytes(b ^ 0xff for b in data[
+            middle:middle + 16])
+    path.write_bytes(bytes(data))
+
+
+def _contents(directory):
+    """Every path under ``directory``, with its bytes and time if a file."""
+    return {str(path.relative_to(directory)): (path.read_bytes(),
+                                               path.stat().st_mtime_ns)
+            if path.is_file() else None for path in directory.rglob('*')}
+
+
+@pytest.mark.parametrize('damage, args, message', [
+    ('truncated', [], 'a truncated or damaged one'),
+    ('inverted', [], 'a truncated or damaged one'),
+    (None, ['--deformable', '0'],
+     'written by a run with --deformable 1, this one has --deformable 0'),
+    (None, ['--batchsize', '25'],
+     'written by a run with --batchsize 50, this one has --batchsize 25'),
+    (None, ['--train-size', '60'],
+     'with --train-size 100, this one has --train-size 60'),
+    (None, ['--resume', 'run/model_iter_2'], 'not a trainer snapshot'),
+])
+def test_resume_refuses_and_leaves_the_run_as_it_was(
+        trained, tmp_path, damage, args, message):
+    # Resuming the deformable run (2 epochs) to epoch 3 in its directory.
+    _, env, out, _ = trained
+    run = tmp_path / 'run'
+    shutil.copytree(str(out / '1'), str(run))
+    if damage:
+        _damage(run / 'snapshot_deformable_2', damage)
+    before = _contents(run)
+    result = _run([os.path.join(EXPERIMENTS, 'train_mnist.py'),
+                   '--deformable', '1', '--batchsize', '50', '--train-size',
+                   '100', '--test-size', '40', '--epoch', '3', '--out', 'run',
+                   '--resume', 'run/snapshot_deformable_2'] + args,
+                  str(tmp_path), env, ok=False)
+    assert result.returncode == 1, result.stdout
+    assert message in result.stdout
+    assert 'Traceback' not in result.stdout
+    assert _contents(run) == before
+
+
 def test_train_gpu_without_cupy(trained):
     import chainer
     if chainer.backends.cuda.available:
@@ -636,6 +717,178 @@ def test_train_gpu_without_cupy(trained):
     assert result.returncode == 2
     assert '--gpu 0 needs CuPy' in result.stdout
     assert not (out / 'gpu').exists()
+
+
+def test_communicator_without_mpi4py(tmp_path):
+    env = _env(str(tmp_path / 'mnist'), str(tmp_path / 'xdg'))
+    fake = tmp_path / 'mpi4py'
+    fake.mkdir()
+    (fake / '__init__.py').write_text('raise ImportError("no MPI here")\n')
+    env = dict(env, PYTHONPATH=os.pathsep.join([str(tmp_path),
+                                                env['PYTHONPATH']]))
+    result = _run(['train_mnist.py', '--communicator', 'naive', '--out',
+                   str(tmp_path / 'out')], EXPERIMENTS, env, ok=False)
+    assert result.returncode == 2
+    assert '--communicator needs mpi4py' in result.stdout
+    assert 'pip install -e ".[distributed]"' in result.stdout
+    assert not (tmp_path / 'out').exists()
+
+
+def test_process_seeds():
+    import train_mnist
+    seeds = [train_mnist.process_seed(7, rank) for rank in range(4)]
+    assert seeds[0] == 7  # a single process seeds as without ChainerMN
+    assert len(set(seeds)) == 4
+    assert seeds == [train_mnist.process_seed(7, rank) for rank in range(4)]
+    assert train_mnist.process_seed(8, 1) not in seeds
+
+
+class _Info(dict):
+    """What mpi_takes_gpu_arrays uses of an MPI.Info."""
+
+    def Free(self):
+        pass
+
+
+def test_which_mpi_takes_gpu_arrays():
+    import train_mnist
+
+    def comm(**info):
+        return types.SimpleNamespace(Get_info=lambda: _Info(info))
+
+    # PyPI's MPICH; Open MPI built with CUDA; an MPI older than 4.1.
+    assert train_mnist.mpi_takes_gpu_arrays(
+        comm(mpi_memory_alloc_kinds='mpi,system')) is False
+    assert train_mnist.mpi_takes_gpu_arrays(comm(
+        mpi_memory_alloc_kinds='system,mpi,cuda:device,cuda:host')) is True
+    assert train_mnist.mpi_takes_gpu_arrays(comm()) is None
+
+
+# --- ChainerMN: two processes on the CPU ----------------------------------
+
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), 'mpiexec')
+
+# Runs train_mnist.py, then saves this process's weights (PREFIX<rank>.npz).
+_RANK_WEIGHTS = """
+import sys
+import numpy
+from mpi4py import MPI
+import train_mnist
+model = train_mnist.main(sys.argv[2:]).updater.get_optimizer('main').target
+numpy.savez('{}{}.npz'.format(sys.argv[1], MPI.COMM_WORLD.rank),
+            **{name.lstrip('/'): param.array
+               for name, param in model.namedparams()})
+"""
+
+
+def _mpiexec(args, cwd, env):
+    result = subprocess.run(
+        [MPIEXEC] + args, cwd=cwd, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, universal_newlines=True, timeout=120)
+    assert result.returncode == 0, result.stdout
+    return result
+
+
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory):
+    """The deformable convnet trained by two processes: 1 epoch (rank 1 with
+    its own --out), resumed to epoch 2; and 2 epochs without a break."""
+    pytest.importorskip('mpi4py')  # make installs it (".[distributed]")
+    tmp = tmp_path_factory.mktemp('mpi')
+    make_mnist(tmp / 'mnist', n_train=100, n_test=40)
+    env = _env(str(tmp / 'mnist'), str(tmp / 'xdg'))
+    env.update(PYTHONPATH=os.pathsep.join([EXPERIMENTS, env['PYTHONPATH']]),
+               OMP_NUM_THREADS='1', OPENBLAS_NUM_THREADS='1')
+    (tmp / 'rank_weights.py').write_text(_RANK_WEIGHTS)
+    # 25 images per process and update: 2 updates an epoch.
+    args = ['train_mnist.py', '--communicator', 'naive', '--deformable', '1',
+            '--batchsize', '25', '--train-size', '100', '--test-size', '40',
+            '--seed', '0']
+    py = [sys.executable, '-W', 'ignore']
+    first = _mpiexec(
+        ['-n', '1'] + py + [str(tmp / 'rank_weights.py'), str(tmp / 'rank')] +
+        args[1:] + ['--epoch', '1', '--out', str(tmp / 'run')] +
+        [':', '-n', '1'] + py + [str(tmp / 'rank_weights.py'),
+                                 str(tmp / 'rank')] +
+        args[1:] + ['--epoch', '1', '--out', str(tmp / 'rank1-out')],
+        EXPERIMENTS, env)
+    after_first = {path.name: path.read_bytes()
+                   for path in (tmp / 'run').iterdir()}
+    _mpiexec(['-n', '2'] + py + args + [
+        '--epoch', '2', '--out', str(tmp / 'run'), '--resume',
+        str(tmp / 'run' / 'snapshot_deformable_1')], EXPERIMENTS, env)
+    _mpiexec(['-n', '2'] + py + args + [
+        '--epoch', '2', '--out', str(tmp / 'unbroken')], EXPERIMENTS, env)
+    return tmp, env, first.stdout, after_first
+
+
+def test_two_processes_train_an_epoch(two_processes):
+    tmp, _, stdout, after_first = two_processes
+    # Rank 0 alone prints and writes; rank 1's --out stays empty.
+    assert sorted(after_first) == ['accuracy.png', 'cg.dot', 'log',
+                                   'loss.png', 'model_iter_1',
+                                   'snapshot_deformable_1']
+    assert [p for p in (tmp / 'rank1-out').rglob('*') if p.is_file()] == []
+    assert stdout.count('# Minibatch-size: 25') == 1
+    assert '# processes: 2 (naive)' in stdout
+    log = json.loads(after_first['log'].decode())
+    # 100 images in 2 updates of 2 x 25.
+    assert [(e['epoch'], e['iteration']) for e in log] == [(1, 2)]
+    # Both processes end with the same weights, those rank 0 saved.
+    ranks = [numpy.load(str(tmp / 'rank{}.npz'.format(r))) for r in (0, 1)]
+    with numpy.load(io.BytesIO(after_first['model_iter_1'])) as saved:
+        assert sorted(ranks[0].files) == sorted(
+            'predictor/' + name for name in saved.files)
+        for name in saved.files:
+            for weights in ranks:
+                numpy.testing.assert_array_equal(
+                    weights['predictor/' + name], saved[name], name)
+
+
+def test_two_processes_resumed_as_unbroken(two_processes):
+    # Each process's training order and random states come back from rank
+    # 0's snapshot, and no update is lost to ChainerMN's first broadcast.
+    tmp = two_processes[0]
+    run, unbroken = tmp / 'run', tmp / 'unbroken'
+    assert [e['epoch'] for e in _log_without_times(run)] == [1, 2]
+    assert _log_without_times(run) == _log_without_times(unbroken)
+    _same_plots(run, unbroken)
+    resumed, whole = (numpy.load(str(d / 'model_iter_2'))
+                      for d in (run, unbroken))
+    for name in whole.files:
+        numpy.testing.assert_array_equal(resumed[name], whole[name], name)
+
+
+def test_one_process_under_chainermn_is_the_single_process_run(trained):
+    # Rank 0 keeps --seed, the dataset is all rank 0's, gradients are
+    # averaged over one process: the same updates and evaluations.
+    pytest.importorskip('mpi4py')
+    _, env, out, _ = trained
+    _mpiexec(['-n', '1', sys.executable, '-W', 'ignore', 'train_mnist.py',
+              '--communicator', 'naive', '--deformable', '1', '--batchsize',
+              '50', '--train-size', '100', '--test-size', '40', '--seed', '0',
+              '--epoch', '2', '--out', str(out / 'one-process')],
+             EXPERIMENTS, env)
+    single, mpi = out / '1-unbroken', out / 'one-process'
+    assert _log_without_times(mpi) == _log_without_times(single)
+    _same_plots(mpi, single)
+    with numpy.load(str(single / 'model_iter_2')) as a, numpy.load(
+            str(mpi / 'model_iter_2')) as b:
+        for name in a.files:
+            numpy.testing.assert_array_equal(a[name], b[name], name)
+
+
+def test_two_process_snapshot_needs_two_processes(two_processes, tmp_path):
+    tmp, env, _, _ = two_processes
+    result = _run(['train_mnist.py', '--deformable', '1', '--batchsize', '25',
+                   '--train-size', '100', '--test-size', '40', '--epoch', '3',
+                   '--out', str(tmp_path / 'out'), '--resume',
+                   str(tmp / 'run' / 'snapshot_deformable_2')],
+                  EXPERIMENTS, env, ok=False)
+    assert result.returncode == 1
+    assert ('written by a run with mpiexec -n 2, this one has mpiexec -n 1'
+            in result.stdout)
+    assert not (tmp_path / 'out').exists()
 
 
 def test_mnist_data_script_reports_a_bad_dir(tmp_path):

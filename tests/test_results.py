@@ -8,6 +8,7 @@ here fetches.
 import json
 import os
 import re
+import shutil
 import sys
 
 import numpy
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 import mnist_data  # NOQA: E402
 from models import Convnet  # NOQA: E402
 from models import DeformableConvnet  # NOQA: E402
+import plots  # NOQA: E402
 import results_tables  # NOQA: E402
 import scaled_mnist  # NOQA: E402
 import test_mnist  # NOQA: E402
@@ -68,6 +70,27 @@ def test_readme_pictures_exist():
             'images/non_deformable_vis_1.png'} <= set(pictures)
     for picture in pictures:
         assert os.path.isfile(os.path.join(ROOT, picture)), picture
+
+
+@pytest.mark.parametrize('run', [
+    os.path.relpath(run, ROOT) for run in plots.committed_runs()])
+def test_plots_are_those_of_the_log(run, tmp_path):
+    # Byte for byte as training draws them (tests/test_experiments.py
+    # checks that redrawing from a log does).
+    shutil.copy(os.path.join(ROOT, run, 'log'), str(tmp_path))
+    plots.redraw(str(tmp_path))
+    for name, _ in plots.PLOTS:
+        with open(os.path.join(ROOT, run, name), 'rb') as f:
+            assert f.read() == (tmp_path / name).read_bytes(), (
+                '{}/{} is not the plot of its log: run python '
+                'experiments/plots.py'.format(run, name))
+
+
+def test_every_run_is_checked():
+    runs = {os.path.relpath(run, results_tables.RESULTS)
+            for run in plots.committed_runs()}
+    assert {'regular', 'deformable', 'seeds/seed1/regular',
+            'seeds/seed2/deformable'} <= runs
 
 
 @pytest.mark.parametrize('model', sorted(KINDS))
