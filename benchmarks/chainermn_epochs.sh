@@ -12,7 +12,8 @@
 #   FLAGS='--train-size 2000 --test-size 500' bash benchmarks/chainermn_epochs.sh  # a dry run
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+    DEFORMABLE_NUM_THREADS=1
 BIN=.venv/bin
 OUT="${OUT:-experiments/result/chainermn}"
 FLAGS="${FLAGS:-}"

@@ -72,7 +72,7 @@ def compiled_kernels():
         return None
 
 
-# --- Threads ------------------------------------------------------------------
+# --- Threads ---------------------------------------------------------------
 
 _pool = None          # (threads, ThreadPoolExecutor)
 _blas = None
@@ -151,7 +151,7 @@ class _Buffers(object):
         return array[:int(numpy.prod(shape))].reshape(shape)
 
 
-# --- The problem and its blocks -------------------------------------------------
+# --- The problem and its blocks --------------------------------------------
 
 class Problem(object):
     """Sizes and hyperparameters of one call, and how it is cut up.
@@ -378,13 +378,17 @@ def forward(x, offset, W, b, mask, problem):
         _run(run, [block for images in image_groups
                    for block in inputs.blocks(images)], threaded)
     return y, plane
-def backward(plane, offset, W, gy, mask, problem):
-    """Gradients w.r.t. ``x``, ``offset``, ``W`` and ``mask`` (or None)."""
+
+
+def backward(plane, offset, W, gy, mask, problem, offset_grad=True):
+    """Gradients w.r.t. ``x``, ``offset``, ``W`` and ``mask`` (or None);
+    without ``offset_grad``, the offset's is left zero."""
     inputs = _Inputs(plane, offset, W, mask, problem)
     dtype = problem.dtype
     grad_plane = numpy.zeros_like(plane)
     gx = numpy.empty((problem.n, problem.c, problem.h, problem.w), dtype)
-    grad_offset = numpy.empty(inputs.offset.shape, dtype)
+    grad_offset = (numpy.empty if offset_grad else numpy.zeros)(
+        inputs.offset.shape, dtype)
     grad_mask = numpy.empty(inputs.mask.shape, dtype) if inputs.has_mask \
         else inputs.mask
     image_groups = problem.image_groups(inputs.chunk_bytes)
@@ -421,7 +425,7 @@ def backward(plane, offset, W, gy, mask, problem):
                     inputs.mask[images], inputs.has_mask, problem.base_y,
                     problem.base_x, problem.kw, problem.constants,
                     problem.segments, problem.group_width, first, stop,
-                    grad_columns,
+                    offset_grad, grad_columns,
                     grad_plane[images], grad_offset[images],
                     grad_mask[images])
             else:
@@ -431,7 +435,7 @@ def backward(plane, offset, W, gy, mask, problem):
                     problem)
                 _numpy_backward(plane[images], geometry, problem,
                                 grad_columns, grad_plane[images],
-                                grad_offset[images],
+                                grad_offset[images] if offset_grad else None,
                                 grad_mask[images] if inputs.has_mask
                                 else None)
         grad_weights[index] = grad_weight
@@ -551,11 +555,12 @@ def _corner_buffer(buffer, n_samples, channels):
 def _numpy_backward(plane, geometry, problem, grad_columns, grad_plane,
                     grad_offset, grad_mask):
     """See ``_numba.backward``; ``grad_offset``, ``grad_mask`` are chunk
-    views ``(n, G, 2, K, out_h, out_w)``, ``(n, G, K, out_h, out_w)``."""
+    views ``(n, G, 2, K, out_h, out_w)``, ``(n, G, K, out_h, out_w)``, or
+    None where not wanted."""
     rows = plane.reshape(-1, problem.c)
     grad_rows = grad_plane.reshape(-1, problem.c)
     n_samples = grad_columns.shape[0]
-    sample_shape = grad_offset.shape[:1] + grad_offset.shape[4:]
+    sample_shape = (plane.shape[0], problem.out_h, problem.out_w)
     buffer = numpy.empty(4 * n_samples * problem.c, problem.dtype)
     grad_column = numpy.empty(n_samples * problem.c, problem.dtype)
     for t in range(problem.n_groups * problem.n_taps):
@@ -568,8 +573,11 @@ def _numpy_backward(plane, geometry, problem, grad_columns, grad_plane,
             # Contiguous, for einsum and the scatter's fancy indexing.
             column = grad_column[:corners[0].size].reshape(corners[0].shape)
             column[...] = grad_columns[:, to_columns]
-            s = s + numpy.einsum('qpc,pc->qp', corners, column)
+            if grad_offset is not None or grad_mask is not None:
+                s = s + numpy.einsum('qpc,pc->qp', corners, column)
             _scatter_tap(grad_rows[:, channels], column, geometry, t)
+        if grad_offset is None and grad_mask is None:
+            continue
         s00, s01, s10, s11 = s
         fy = geometry.frac_y[t]
         fx = geometry.frac_x[t]
@@ -584,8 +592,9 @@ def _numpy_backward(plane, geometry, problem, grad_columns, grad_plane,
             w00, w01, w10, w11 = geometry.weights[t]
             grad_mask[:, g, k] = (w00 * s00 + w01 * s01 + w10 * s10
                                   + w11 * s11).reshape(sample_shape)
-        grad_offset[:, g, 1, k] = grad_y.reshape(sample_shape)
-        grad_offset[:, g, 0, k] = grad_x.reshape(sample_shape)
+        if grad_offset is not None:
+            grad_offset[:, g, 1, k] = grad_y.reshape(sample_shape)
+            grad_offset[:, g, 0, k] = grad_x.reshape(sample_shape)
 
 
 def _scatter_tap(grad_plane, grad_column, geometry, t):

@@ -133,15 +133,16 @@ def _add_scaled(out, scale, values):
 # same way on every run); nothing is assumed about NaN or infinities.
 @numba.njit(nogil=True, cache=True, fastmath={'reassoc'})
 def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
-             segments, group_width, first_row, stop_row, grad_columns,
-             grad_plane, grad_offset, grad_mask):
+             segments, group_width, first_row, stop_row, offset_grad,
+             grad_columns, grad_plane, grad_offset, grad_mask):
     """Coordinate and mask gradients of a block, and the adjoint scatter.
 
     A sample's derivative along y is ``(1 - fx)(v10 - v00) + fx (v11 -
     v01)`` (corners ``v``), and likewise along x; times the mask and summed
     with the column's gradient over the channels, it is the offset's
     gradient. The mask's gradient is the unmodulated sample so summed.
-    Arguments as in
+    Without ``offset_grad`` the offset's gradient is not computed. Arguments
+    as in
     :func:`gather`; ``grad_plane`` (like ``plane``) is added to,
     ``grad_offset`` (like ``offset``) and ``grad_mask`` (like ``mask``)
     are written.
@@ -180,11 +181,12 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
                         v01 = plane[b, y0, x0 + 1, start:stop]
                         v10 = plane[b, y0 + 1, x0, start:stop]
                         v11 = plane[b, y0 + 1, x0 + 1, start:stop]
-                        for i in range(stop - start):
-                            sum_y += gc[i] * (ex * (v10[i] - v00[i])
-                                              + fx * (v11[i] - v01[i]))
-                            sum_x += gc[i] * (ey * (v01[i] - v00[i])
-                                              + fy * (v11[i] - v10[i]))
+                        if offset_grad:
+                            for i in range(stop - start):
+                                sum_y += gc[i] * (ex * (v10[i] - v00[i])
+                                                  + fx * (v11[i] - v01[i]))
+                                sum_x += gc[i] * (ey * (v01[i] - v00[i])
+                                                  + fy * (v11[i] - v10[i]))
                         if has_mask:
                             for i in range(stop - start):
                                 sum_m += gc[i] * (
@@ -205,9 +207,10 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
                     m = mask[b, g, k, oy, ox] if has_mask else one
                     # Multiplying (not branching) keeps NaN from a NaN
                     # fraction.
-                    grad_offset[b, g, 1, k, oy, ox] = (
-                        sum_y * inside[t, 0, ox] * m)
-                    grad_offset[b, g, 0, k, oy, ox] = (
-                        sum_x * inside[t, 1, ox] * m)
+                    if offset_grad:
+                        grad_offset[b, g, 1, k, oy, ox] = (
+                            sum_y * inside[t, 0, ox] * m)
+                        grad_offset[b, g, 0, k, oy, ox] = (
+                            sum_x * inside[t, 1, ox] * m)
                     if has_mask:
                         grad_mask[b, g, k, oy, ox] = sum_m

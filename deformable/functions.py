@@ -201,8 +201,9 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
         x, offset, W = retained[:3]
         mask = retained[3] if self.with_mask else None
         gy, = grad_outputs
+        # Offsets that need no gradient (constants) spare the CPU its sums.
         grad_node = DeformableConvolution2DSamplerGrad(
-            self._geometry_params, **self._saved)
+            self._geometry_params, offset_grad=1 in indexes, **self._saved)
         grad_inputs = (x, offset, W, gy)
         if mask is not None:
             grad_inputs += (mask,)
@@ -224,9 +225,12 @@ class DeformableConvolution2DSamplerGrad(function_node.FunctionNode):
     itself: double backward through bilinear sampling is not implemented.
     """
 
-    def __init__(self, geometry_params, columns=None, plane=None):
+    def __init__(self, geometry_params, offset_grad=True, columns=None,
+                 plane=None):
+        # offset_grad: False leaves the offset's gradient zero (on the CPU).
         # columns (GPU), plane (CPU): the forward's, to save recomputing them.
         self.stride, self.pad, self.dilate, self.groups = geometry_params
+        self.offset_grad = offset_grad
         self._columns = columns
         self._plane = plane
 
@@ -239,7 +243,8 @@ class DeformableConvolution2DSamplerGrad(function_node.FunctionNode):
         plane = self._plane
         if plane is None:
             plane = _cpu.bordered_plane(x, problem.dtype)
-        grads = _cpu.backward(plane, offset, W, gy, mask, problem)
+        grads = _cpu.backward(plane, offset, W, gy, mask, problem,
+                              self.offset_grad)
         if mask is None:
             grads = grads[:3]
         return tuple(numpy.ascontiguousarray(g, dtype=x.dtype)

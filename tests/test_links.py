@@ -199,6 +199,38 @@ class TestGeneralDeformableConvolution2D(unittest.TestCase):
                                       rtol=1e-5, atol=1e-5)
 
 
+class TestOffsetConvolutionOnCpu(unittest.TestCase):
+    """On the CPU the link computes offset_conv with the sampler at zero
+    offsets: the same convolution as ``offset_conv(x)``."""
+
+    def test_same_as_offset_conv(self):
+        x = numpy.random.RandomState(2).uniform(
+            -1, 1, (2, 4, 9, 8)).astype(numpy.float64)
+        with chainer.using_config('dtype', numpy.float64):
+            link = deformable.DeformableConvolution2D(
+                None, 6, (3, 2), (2, 1), (1, 2), dilate=(1, 2),
+                offset_groups=2, modulated=True,
+                offset_initialW=initializers.Normal(0.3),
+                offset_initial_bias=initializers.Normal(0.3))
+            link(x)   # initializes
+        xv = chainer.Variable(x)
+        offset, mask = link.offsets_and_mask(xv)
+        predicted = link.offset_conv(x).array      # F.convolution_2d
+        numpy.testing.assert_allclose(offset.array, predicted[:, :24],
+                                      rtol=1e-12, atol=1e-12)
+        numpy.testing.assert_allclose(
+            mask.array, F.sigmoid(predicted[:, 24:]).array,
+            rtol=1e-12, atol=1e-12)
+        link.cleargrads()
+        F.sum(offset ** 2).backward()
+        ours = link.offset_conv.W.grad.copy(), xv.grad.copy()
+        link.cleargrads()
+        xv = chainer.Variable(x)
+        F.sum(link.offset_conv(xv)[:, :24] ** 2).backward()
+        for a, b in zip(ours, (link.offset_conv.W.grad, xv.grad)):
+            numpy.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 class TestGeneralBadArguments(unittest.TestCase):
 
     def test_offset_groups(self):

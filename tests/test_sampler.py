@@ -383,6 +383,20 @@ class TestDeterministicAndChunked(unittest.TestCase):
             for a, b in zip(first, self.run_op()):
                 numpy.testing.assert_array_equal(a, b)
 
+    def test_constant_offsets_skip_their_gradient_only(self):
+        # An offset that is no Variable needs no gradient, which the CPU
+        # path then skips; the other gradients are those of a full run.
+        x, offset, W, b = self.inputs
+        variables = [chainer.Variable(a) for a in (x, W, b)]
+        y = deformable.deformable_convolution_2d_sampler(
+            variables[0], offset, variables[1], variables[2], 1, 1,
+            mask=self.mask)
+        y.grad = self.gy
+        y.backward()
+        full = self.run_op()
+        for v, expected in zip(variables, (full[0], full[2], full[3])):
+            numpy.testing.assert_array_equal(v.grad, expected)
+
     def test_chunks_do_not_change_results(self):
         with mock.patch.object(_cpu, 'CHUNK_BYTES', 1):   # 2 images each
             chunked = self.run_op()

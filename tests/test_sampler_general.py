@@ -253,7 +253,7 @@ def test_agrees_with_onnx_reference(seed, use_numba):
     assert error <= 1e-10
 
 
-# --- Bad input ----------------------------------------------------------------
+# --- Bad input -------------------------------------------------------------
 
 class TestGeneralBadInput(unittest.TestCase):
 
