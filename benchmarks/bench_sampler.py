@@ -24,6 +24,11 @@ import sys
 import time
 import tracemalloc
 
+# OpenBLAS's idle threads busy-wait about 0.1 s after every call (2**28
+# cycles), taking a core from the CPU op's own threads; a short wait costs
+# F.convolution_2d nothing (README, Performance). Read when NumPy loads.
+os.environ.setdefault('OPENBLAS_THREAD_TIMEOUT', '4')
+
 import numpy
 
 import chainer
@@ -412,8 +417,10 @@ def main():
         def synchronize():
             pass
         loops = 'NumPy' if _cpu.compiled_kernels() is None else 'Numba'
-        device = '{} CPU cores, {}, {} loops'.format(
-            os.cpu_count(), platform.processor() or 'x86_64', loops)
+        device = '{} CPU cores, {}, {} loops, OPENBLAS_THREAD_TIMEOUT={}'
+        device = device.format(os.cpu_count(), platform.processor() or
+                               'x86_64', loops,
+                               os.environ['OPENBLAS_THREAD_TIMEOUT'])
     print('# {} mode, float32, {}; chainer {}, numpy {}; {} repeats, '
           'medians'.format(args.mode, device, chainer.__version__,
                            numpy.__version__, args.repeats))

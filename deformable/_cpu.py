@@ -323,6 +323,7 @@ class _Inputs(object):
                    self.problem.n_columns), self.problem.dtype)
 
     def gather(self, block, columns):
+        """The block's columns; for the NumPy loops, also its geometry."""
         images, first, stop = block
         problem = self.problem
         if self.kernels is not None:
@@ -331,11 +332,12 @@ class _Inputs(object):
                 self.has_mask, problem.base_y, problem.base_x, problem.kw,
                 problem.constants, problem.segments, problem.group_width,
                 first, stop, columns)
-        else:
-            geometry = ChunkGeometry(
-                self.offset[images],
-                self.mask[images] if self.has_mask else None, problem)
-            _numpy_gather(self.plane[images], geometry, problem, columns)
+            return None
+        geometry = ChunkGeometry(
+            self.offset[images], self.mask[images] if self.has_mask else None,
+            problem)
+        _numpy_gather(self.plane[images], geometry, problem, columns)
+        return geometry
 
 
 def forward(x, offset, W, b, mask, problem):
@@ -410,7 +412,7 @@ def backward(plane, offset, W, gy, mask, problem, offset_grad=True):
             view = problem.block_view(gy, block)
             gy_block.reshape(view.shape[0], view.shape[2], view.shape[3],
                              problem.out_c)[...] = view.transpose(0, 2, 3, 1)
-            inputs.gather(block, columns)
+            geometry = inputs.gather(block, columns)
             for j, (cols, outputs) in enumerate(problem.conv_groups()):
                 numpy.dot(columns[:, cols].T, gy_block[:, outputs],
                           out=product)
@@ -429,10 +431,6 @@ def backward(plane, offset, W, gy, mask, problem, offset_grad=True):
                     grad_plane[images], grad_offset[images],
                     grad_mask[images])
             else:
-                geometry = ChunkGeometry(
-                    inputs.offset[images],
-                    inputs.mask[images] if inputs.has_mask else None,
-                    problem)
                 _numpy_backward(plane[images], geometry, problem,
                                 grad_columns, grad_plane[images],
                                 grad_offset[images] if offset_grad else None,

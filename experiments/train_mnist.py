@@ -18,6 +18,11 @@ import random
 import zipfile
 import zlib
 
+# OpenBLAS's idle threads would busy-wait 0.1 s after every call, taking a
+# core from the deformable op's threads (README, CPU implementations).
+# Read when NumPy loads.
+os.environ.setdefault('OPENBLAS_THREAD_TIMEOUT', '4')
+
 import matplotlib
 import numpy
 

@@ -398,10 +398,11 @@ class TestDeterministicAndChunked(unittest.TestCase):
             numpy.testing.assert_array_equal(v.grad, expected)
 
     def test_chunks_do_not_change_results(self):
-        with mock.patch.object(_cpu, 'CHUNK_BYTES', 1):   # 2 images each
-            chunked = self.run_op()
-        with mock.patch.object(_cpu, 'CHUNK_BYTES', 2 ** 30):   # one chunk
-            whole = self.run_op()
+        with mock.patch.multiple(_cpu, CHUNK_BYTES=1, NUMPY_CHUNK_BYTES=1):
+            chunked = self.run_op()     # a row (Numba) or image at a time
+        with mock.patch.multiple(_cpu, CHUNK_BYTES=2 ** 30,
+                                 NUMPY_CHUNK_BYTES=2 ** 30):
+            whole = self.run_op()       # all at once
         for a, b in zip(chunked, whole):
             numpy.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
