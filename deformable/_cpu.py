@@ -322,6 +322,13 @@ class _Inputs(object):
             name, ((stop - first) * self.problem.out_w,
                    self.problem.n_columns), self.problem.dtype)
 
+    def geometry(self, block):
+        """The NumPy loops' geometry of a block."""
+        images = block[0]
+        return ChunkGeometry(
+            self.offset[images], self.mask[images] if self.has_mask else None,
+            self.problem)
+
     def gather(self, block, columns):
         """The block's columns; for the NumPy loops, also its geometry."""
         images, first, stop = block
@@ -333,24 +340,35 @@ class _Inputs(object):
                 problem.constants, problem.segments, problem.group_width,
                 first, stop, columns)
             return None
-        geometry = ChunkGeometry(
-            self.offset[images], self.mask[images] if self.has_mask else None,
-            problem)
+        geometry = self.geometry(block)
         _numpy_gather(self.plane[images], geometry, problem, columns)
         return geometry
 
 
+def _key(block):
+    images, first, stop = block
+    return images.start, images.stop, first, stop
+
+
 def forward(x, offset, W, b, mask, problem):
-    """Output ``(n, out_c, out_h, out_w)`` and the plane for the backward."""
+    """Output ``(n, out_c, out_h, out_w)`` and what the backward can reuse:
+    the plane and, from the NumPy loops, the columns by block (their
+    gather costs them as much as the rest of the backward; the compiled
+    loops gather again, to save the memory)."""
     plane = numpy.empty((problem.n, problem.h + 2, problem.w + 2, problem.c),
                         problem.dtype)
     inputs = _Inputs(plane, offset, W, mask, problem)
     y = numpy.empty((problem.n, problem.out_c, problem.out_h, problem.out_w),
                     problem.dtype)
     bias = None if b is None else b.astype(problem.dtype)[:, None, None]
+    kept = None if inputs.kernels is not None else {}
 
     def run(block):
-        columns = inputs.columns(block)
+        if kept is None:
+            columns = inputs.columns(block)
+        else:
+            columns = kept[_key(block)] = numpy.empty_like(
+                inputs.columns(block))
         inputs.gather(block, columns)
         product = inputs.buffers.get(
             'product', (columns.shape[0], problem.out_c), problem.dtype)
@@ -379,12 +397,15 @@ def forward(x, offset, W, b, mask, problem):
         fill_plane(plane, x)
         _run(run, [block for images in image_groups
                    for block in inputs.blocks(images)], threaded)
-    return y, plane
+    return y, {'plane': plane, 'columns': kept}
 
 
-def backward(plane, offset, W, gy, mask, problem, offset_grad=True):
+def backward(plane, offset, W, gy, mask, problem, offset_grad=True,
+             columns=None):
     """Gradients w.r.t. ``x``, ``offset``, ``W`` and ``mask`` (or None);
-    without ``offset_grad``, the offset's is left zero."""
+    without ``offset_grad``, the offset's is left zero. ``columns``: the
+    forward's, by block, if it kept them."""
+    kept = columns
     inputs = _Inputs(plane, offset, W, mask, problem)
     dtype = problem.dtype
     grad_plane = numpy.zeros_like(plane)
@@ -404,7 +425,10 @@ def backward(plane, offset, W, gy, mask, problem, offset_grad=True):
                                      dtype)
         # An image's blocks in one thread: they scatter into its plane.
         for block in inputs.blocks(images):
-            columns = inputs.columns(block)
+            columns = None if kept is None else kept.get(_key(block))
+            gathered = columns is None
+            if gathered:
+                columns = inputs.columns(block)
             grad_columns = inputs.columns(block, 'grad_columns')
             # The block of gy -> (P, out_c), rows in sample order.
             gy_block = inputs.buffers.get(
@@ -412,7 +436,8 @@ def backward(plane, offset, W, gy, mask, problem, offset_grad=True):
             view = problem.block_view(gy, block)
             gy_block.reshape(view.shape[0], view.shape[2], view.shape[3],
                              problem.out_c)[...] = view.transpose(0, 2, 3, 1)
-            geometry = inputs.gather(block, columns)
+            geometry = (inputs.gather(block, columns) if gathered
+                        else inputs.geometry(block))
             for j, (cols, outputs) in enumerate(problem.conv_groups()):
                 numpy.dot(columns[:, cols].T, gy_block[:, outputs],
                           out=product)

@@ -165,8 +165,7 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
         stride, pad, dilate, groups = self._geometry_params
         problem = _cpu.Problem(x.shape, offset.shape, W.shape, stride, pad,
                                dilate, groups, _compute_dtype(x.dtype))
-        y, plane = _cpu.forward(x, offset, W, b, mask, problem)
-        self._saved = {'plane': plane}
+        y, self._saved = _cpu.forward(x, offset, W, b, mask, problem)
         return y.astype(x.dtype, copy=False),
 
     def forward_gpu(self, inputs):
@@ -228,7 +227,8 @@ class DeformableConvolution2DSamplerGrad(function_node.FunctionNode):
     def __init__(self, geometry_params, offset_grad=True, columns=None,
                  plane=None):
         # offset_grad: False leaves the offset's gradient zero (on the CPU).
-        # columns (GPU), plane (CPU): the forward's, to save recomputing them.
+        # columns (the GPU's array, the CPU's by block) and plane (CPU): the
+        # forward's, to save recomputing them.
         self.stride, self.pad, self.dilate, self.groups = geometry_params
         self.offset_grad = offset_grad
         self._columns = columns
@@ -244,7 +244,7 @@ class DeformableConvolution2DSamplerGrad(function_node.FunctionNode):
         if plane is None:
             plane = _cpu.bordered_plane(x, problem.dtype)
         grads = _cpu.backward(plane, offset, W, gy, mask, problem,
-                              self.offset_grad)
+                              self.offset_grad, self._columns)
         if mask is None:
             grads = grads[:3]
         return tuple(numpy.ascontiguousarray(g, dtype=x.dtype)
