@@ -25,14 +25,15 @@ axis_geometry = numba.njit(inline='always')(_geometry.axis_geometry)
 
 @numba.njit(nogil=True, cache=True)
 def _row_geometry(offset, mask, has_mask, base_y, base_x, kw, constants, b,
-                  oy, top, left, frac_y, frac_x, inside, weights):
+                  oy, top, left, frac_y, frac_x, inside, weights,
+                  for_backward):
     """Corners and weights of every tap of output row ``oy`` of image b.
 
     Fills ``(G * K, out_w)`` arrays: ``top``, ``left`` the top-left corner
     in the bordered plane, ``frac_y``, ``frac_x``, ``inside`` (where the
     coordinate gradient flows, 1 or 0 for each axis: ``(G * K, 2, out_w)``)
     and ``weights`` ``(G * K, 4, out_w)``, the corners' bilinear weights
-    times the mask. ``constants`` are -1, 1, h and w in the data's dtype
+    times the mask; the fractions and ``inside`` only ``for_backward``. ``constants`` are -1, 1, h and w in the data's dtype
     (number literals would turn the arithmetic into float64).
     """
     _, n_groups, _, n_taps, _, out_w = offset.shape
@@ -52,10 +53,11 @@ def _row_geometry(offset, mask, has_mask, base_y, base_x, kw, constants, b,
                 # +1: the plane has a zero border row and column in front.
                 top[t, ox] = int(ly) + 1
                 left[t, ox] = int(lx) + 1
-                frac_y[t, ox] = fy
-                frac_x[t, ox] = fx
-                inside[t, 0, ox] = one if in_y else low + one
-                inside[t, 1, ox] = one if in_x else low + one
+                if for_backward:
+                    frac_y[t, ox] = fy
+                    frac_x[t, ox] = fx
+                    inside[t, 0, ox] = one if in_y else low + one
+                    inside[t, 1, ox] = one if in_x else low + one
                 weights[t, 0, ox] = (one - fy) * (one - fx) * m
                 weights[t, 1, ox] = (one - fy) * fx * m
                 weights[t, 2, ox] = fy * (one - fx) * m
@@ -101,7 +103,8 @@ def gather(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
         b = row // out_h
         oy = row - b * out_h
         _row_geometry(offset, mask, has_mask, base_y, base_x, kw, constants,
-                      b, oy, top, left, frac_y, frac_x, inside, weights)
+                      b, oy, top, left, frac_y, frac_x, inside, weights,
+                      False)
         for ox in range(out_w):
             column = columns[(row - first_row) * out_w + ox]
             for g in range(n_groups):
@@ -155,7 +158,8 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
         b = row // out_h
         oy = row - b * out_h
         _row_geometry(offset, mask, has_mask, base_y, base_x, kw, constants,
-                      b, oy, top, left, frac_y, frac_x, inside, weights)
+                      b, oy, top, left, frac_y, frac_x, inside, weights,
+                      True)
         for ox in range(out_w):
             grad_column = grad_columns[(row - first_row) * out_w + ox]
             for g in range(n_groups):
