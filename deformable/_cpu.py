@@ -316,11 +316,14 @@ class _Inputs(object):
         return self.problem.blocks(images, self.chunk_bytes,
                                    split_images=self.kernels is not None)
 
+    def columns_shape(self, block):
+        _, first, stop = block
+        return (stop - first) * self.problem.out_w, self.problem.n_columns
+
     def columns(self, block, name='columns'):
-        images, first, stop = block
-        return self.buffers.get(
-            name, ((stop - first) * self.problem.out_w,
-                   self.problem.n_columns), self.problem.dtype)
+        """This thread's reusable columns for a block."""
+        return self.buffers.get(name, self.columns_shape(block),
+                                self.problem.dtype)
 
     def geometry(self, block):
         """The NumPy loops' geometry of a block."""
@@ -367,8 +370,8 @@ def forward(x, offset, W, b, mask, problem):
         if kept is None:
             columns = inputs.columns(block)
         else:
-            columns = kept[_key(block)] = numpy.empty_like(
-                inputs.columns(block))
+            columns = kept[_key(block)] = numpy.empty(
+                inputs.columns_shape(block), problem.dtype)
         inputs.gather(block, columns)
         product = inputs.buffers.get(
             'product', (columns.shape[0], problem.out_c), problem.dtype)

@@ -33,8 +33,9 @@ def _row_geometry(offset, mask, has_mask, base_y, base_x, kw, constants, b,
     in the bordered plane, ``frac_y``, ``frac_x``, ``inside`` (where the
     coordinate gradient flows, 1 or 0 for each axis: ``(G * K, 2, out_w)``)
     and ``weights`` ``(G * K, 4, out_w)``, the corners' bilinear weights
-    times the mask; the fractions and ``inside`` only ``for_backward``. ``constants`` are -1, 1, h and w in the data's dtype
-    (number literals would turn the arithmetic into float64).
+    times the mask; the fractions and ``inside`` only ``for_backward``.
+    ``constants`` are -1, 1, h and w in the data's dtype (number literals
+    would turn the arithmetic into float64).
     """
     _, n_groups, _, n_taps, _, out_w = offset.shape
     low, one, h, w = constants[0], constants[1], constants[2], constants[3]
