@@ -18,6 +18,7 @@ checked against ours, so the two compute the same thing.
 """
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -309,8 +310,11 @@ def bench_features(args, xp, synchronize):
     for backward in (False, True):
         steps = {}
         for name, arrays, params, reference in cases:
-            steps[name] = make_feature_step(arrays, params, backward,
-                                            synchronize)
+            features = {k: v for k, v in params.items() if k != 'pad'}
+            steps[name] = make_step(
+                functools.partial(deformable.deformable_convolution_2d_sampler,
+                                  **features),
+                arrays, params['pad'], backward, synchronize)
             if reference is not None:
                 steps['{}, torchvision'.format(name)] = reference.step(
                     backward)
@@ -321,17 +325,6 @@ def bench_features(args, xp, synchronize):
                          ''))
         print_rows(rows[-len(steps):], header=not backward)
     return rows
-
-
-def make_feature_step(arrays, params, backward, synchronize):
-    def step():
-        variables = [chainer.Variable(a) for a in arrays]
-        y = deformable.deformable_convolution_2d_sampler(*variables, **params)
-        if backward:
-            y.grad = y.array
-            y.backward()
-        synchronize()
-    return step
 
 
 def bench_train(args, xp, synchronize):
