@@ -175,6 +175,9 @@ class Problem(object):
             self.out_h, stride[0], pad[0], self.kh, dilate[0], dtype)
         self.base_x = _geometry.tap_bases(
             self.out_w, stride[1], pad[1], self.kw, dilate[1], dtype)
+        # The same by sample (``oy * out_w + ox``), for the compiled loops.
+        self.sample_base_y = numpy.repeat(self.base_y, self.out_w, axis=1)
+        self.sample_base_x = numpy.tile(self.base_x, (1, self.out_h))
         self.segments = self._segments()
         self.n_columns = self.n_taps * self.c
         # -1, 1, h and w in the compute dtype, for the compiled loops.
@@ -339,9 +342,9 @@ class _Inputs(object):
         if self.kernels is not None:
             self.kernels.gather(
                 self.plane[images], self.offset[images], self.mask[images],
-                self.has_mask, problem.base_y, problem.base_x, problem.kw,
-                problem.constants, problem.segments, problem.group_width,
-                first, stop, columns)
+                self.has_mask, problem.sample_base_y, problem.sample_base_x,
+                problem.kw, problem.constants, problem.segments,
+                problem.group_width, first, stop, columns)
             return None
         geometry = self.geometry(block)
         _numpy_gather(self.plane[images], geometry, problem, columns)
@@ -452,8 +455,9 @@ def backward(plane, offset, W, gy, mask, problem, offset_grad=True,
             if inputs.kernels is not None:
                 inputs.kernels.backward(
                     plane[images], inputs.offset[images],
-                    inputs.mask[images], inputs.has_mask, problem.base_y,
-                    problem.base_x, problem.kw, problem.constants,
+                    inputs.mask[images], inputs.has_mask,
+                    problem.sample_base_y, problem.sample_base_x, problem.kw,
+                    problem.constants,
                     problem.segments, problem.group_width, first, stop,
                     offset_grad, grad_columns,
                     grad_plane[images], grad_offset[images],

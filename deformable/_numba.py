@@ -2,80 +2,106 @@
 
 Each call handles a block of output rows of a few images (see ``_cpu``,
 which runs blocks on every core): :func:`gather` fills the block's columns
-and :func:`backward` computes the coordinate and mask gradients and scatters
+and :func:`backward` computes the offset and mask gradients and scatters
 the columns' gradient back onto the input plane.
 
-Both find where samples fall with ``_geometry.axis_geometry``, the same
-function the NumPy path applies to arrays, compiled here for scalars. They
-work out one output row's corners and weights for every tap first (a loop
-over the row that LLVM vectorizes), then run over each sample's channels,
-contiguous in the channels-last plane. Those inner loops index 1-D slices
-with the loop counter, which LLVM turns into SIMD code (it does not for
-computed 2-D indices), and keep to the data's dtype.
+Both go through a block :data:`SPAN` samples at a time. First
+:func:`_span_geometry` finds where every tap of those samples falls, with
+``_geometry.axis_geometry`` (the function the NumPy path applies to
+arrays, compiled here for scalars) in loops over the samples that LLVM
+vectorizes. Then each sample's taps are worked through: a tap's four
+corners are each a contiguous run of channels in the channels-last plane,
+which ``_simd`` blends, scatters and multiplies a vector at a time.
 """
 
 import numba
 import numpy
 
 from deformable import _geometry
+from deformable import _simd
 
 
 axis_geometry = numba.njit(inline='always')(_geometry.axis_geometry)
 
+# Samples whose geometry is computed at once: long enough loops to pay for
+# vectorizing them, short enough to stay in the core's cache.
+SPAN = 112
+
 
 @numba.njit(nogil=True, cache=True)
-def _row_geometry(offset, mask, has_mask, base_y, base_x, kw, constants, b,
-                  oy, top, left, frac_y, frac_x, inside, weights,
-                  for_backward):
-    """Corners and weights of every tap of output row ``oy`` of image b.
+def _span_geometry(offset, base_y, base_x, kw, constants, b, first, stop,
+                   plane_w, c, corner, frac_y, frac_x, inside, for_backward):
+    """Where the taps of samples ``[first, stop)`` of image b fall.
 
-    Fills ``(G * K, out_w)`` arrays: ``top``, ``left`` the top-left corner
-    in the bordered plane, ``frac_y``, ``frac_x``, ``inside`` (where the
-    coordinate gradient flows, 1 or 0 for each axis: ``(G * K, 2, out_w)``)
-    and ``weights`` ``(G * K, 4, out_w)``, the corners' bilinear weights
-    times the mask; the fractions and ``inside`` only ``for_backward``.
-    ``constants`` are -1, 1, h and w in the data's dtype (number literals
-    would turn the arithmetic into float64).
+    Args:
+        offset: ``(n, G, 2, K, out_h * out_w)``; ``[:, :, 0]`` is x.
+        base_y, base_x: ``(kh, out_h * out_w)``, ``(kw, out_h * out_w)``:
+            each sample's tap bases.
+        constants: -1, 1, h and w in the data's dtype (number literals
+            would turn the arithmetic into float64).
+        plane_w, c: The bordered plane's width and channels.
+        corner, frac_y, frac_x: ``(G * K, SPAN)``, filled for tap ``t = g *
+            K + k`` and the span's samples: the flat index of the top-left
+            corner in the image's bordered plane, and the fractions.
+        inside: ``(G * K, 2, SPAN)``, filled ``for_backward``: 1 where the
+            coordinate gradient flows along y (``[:, 0]``) and x, else 0.
     """
-    _, n_groups, _, n_taps, _, out_w = offset.shape
+    _, n_groups, _, n_taps, _ = offset.shape
     low, one, h, w = constants[0], constants[1], constants[2], constants[3]
+    zero = low + one
+    span = stop - first
     for g in range(n_groups):
         for k in range(n_taps):
             t = g * n_taps + k
             ky = k // kw
-            by = base_y[ky, oy]
-            bx = base_x[k - ky * kw]
-            dy = offset[b, g, 1, k, oy]
-            dx = offset[b, g, 0, k, oy]
-            for ox in range(out_w):
-                ly, fy, in_y = axis_geometry(dy[ox] + by, low, h)
-                lx, fx, in_x = axis_geometry(dx[ox] + bx[ox], low, w)
-                m = mask[b, g, k, oy, ox] if has_mask else one
-                # +1: the plane has a zero border row and column in front.
-                top[t, ox] = int(ly) + 1
-                left[t, ox] = int(lx) + 1
-                if for_backward:
-                    frac_y[t, ox] = fy
-                    frac_x[t, ox] = fx
-                    inside[t, 0, ox] = one if in_y else low + one
-                    inside[t, 1, ox] = one if in_x else low + one
-                weights[t, 0, ox] = (one - fy) * (one - fx) * m
-                weights[t, 1, ox] = (one - fy) * fx * m
-                weights[t, 2, ox] = fy * (one - fx) * m
-                weights[t, 3, ox] = fy * fx * m
+            dy = offset[b, g, 1, k, first:stop]
+            dx = offset[b, g, 0, k, first:stop]
+            by = base_y[ky, first:stop]
+            bx = base_x[k - ky * kw, first:stop]
+            corner_t, fy_t, fx_t = corner[t], frac_y[t], frac_x[t]
+            # A loop per axis: LLVM vectorizes a loop only if it can check
+            # its few arrays for overlap. +1: the plane's zero border.
+            for i in range(span):
+                lower, fy, _ = axis_geometry(dy[i] + by[i], low, h)
+                corner_t[i] = (int(lower) + 1) * plane_w
+                fy_t[i] = fy
+            for i in range(span):
+                lower, fx, _ = axis_geometry(dx[i] + bx[i], low, w)
+                corner_t[i] = (corner_t[i] + int(lower) + 1) * c
+                fx_t[i] = fx
+            if for_backward:
+                inside_y, inside_x = inside[t, 0], inside[t, 1]
+                for i in range(span):
+                    _, _, flows = axis_geometry(dy[i] + by[i], low, h)
+                    inside_y[i] = one if flows else zero
+                for i in range(span):
+                    _, _, flows = axis_geometry(dx[i] + bx[i], low, w)
+                    inside_x[i] = one if flows else zero
 
 
 @numba.njit(inline='always')
-def _row_buffers(offset, like):
-    """Empty ``_row_geometry`` arrays; ``like`` gives the dtype."""
-    _, n_groups, _, n_taps, _, out_w = offset.shape
-    n_total = n_groups * n_taps
-    return (numpy.empty((n_total, out_w), numpy.int64),
-            numpy.empty((n_total, out_w), numpy.int64),
-            numpy.empty((n_total, out_w), like.dtype),
-            numpy.empty((n_total, out_w), like.dtype),
-            numpy.empty((n_total, 2, out_w), like.dtype),
-            numpy.empty((n_total, 4, out_w), like.dtype))
+def _span_buffers(n_total, like, for_backward):
+    """Empty ``_span_geometry`` arrays; ``like`` gives the dtype."""
+    return (numpy.empty((n_total, SPAN), numpy.int64),
+            numpy.empty((n_total, SPAN), like.dtype),
+            numpy.empty((n_total, SPAN), like.dtype),
+            numpy.empty((n_total, 2, SPAN if for_backward else 0),
+                        like.dtype))
+
+
+@numba.njit(inline='always')
+def _span(sample, stop, per_image):
+    """Image, first and stop sample within it of the span from ``sample``
+    (a sample of the ``n`` images) to at most ``stop``."""
+    b = sample // per_image
+    first = sample - b * per_image
+    return b, first, min(first + SPAN, per_image, stop - b * per_image)
+
+
+@numba.njit(inline='always')
+def _bilinear_weights(fy, fx, m, one):
+    ey, ex = one - fy, one - fx
+    return ey * ex * m, ey * fx * m, fy * ex * m, fy * fx * m
 
 
 @numba.njit(nogil=True, cache=True)
@@ -87,7 +113,8 @@ def gather(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
         plane: ``(n, h + 2, w + 2, c)`` bordered, channels-last input.
         offset: ``(n, G, 2, K, out_h, out_w)``; ``[:, :, 0]`` is x.
         mask: ``(n, G, K, out_h, out_w)`` if ``has_mask``.
-        base_y, base_x: ``(kh, out_h)``, ``(kw, out_w)`` tap bases.
+        base_y, base_x: ``(kh, out_h * out_w)``, ``(kw, out_h * out_w)``:
+            each sample's tap bases.
         kw: Kernel width.
         constants: -1, 1, h and w in the data's dtype.
         segments: ``(G, S, 3)``: per offset group, runs of channels
@@ -98,124 +125,115 @@ def gather(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
             ``n`` images.
         columns: ``((stop_row - first_row) * out_w, K * c)`` output.
     """
+    n, _, plane_w, c = plane.shape
     _, n_groups, _, n_taps, out_h, out_w = offset.shape
-    top, left, frac_y, frac_x, inside, weights = _row_buffers(offset, plane)
-    for row in range(first_row, stop_row):
-        b = row // out_h
-        oy = row - b * out_h
-        _row_geometry(offset, mask, has_mask, base_y, base_x, kw, constants,
-                      b, oy, top, left, frac_y, frac_x, inside, weights,
-                      False)
-        for ox in range(out_w):
-            column = columns[(row - first_row) * out_w + ox]
+    per_image = out_h * out_w
+    offset = offset.reshape(n, n_groups, 2, n_taps, per_image)
+    mask = mask.reshape(mask.shape[0], mask.shape[1], mask.shape[2], -1)
+    image_size = plane[0].size
+    row_size = plane_w * c
+    one = constants[1]
+    corner, frac_y, frac_x, inside = _span_buffers(n_groups * n_taps, plane,
+                                                   False)
+    sample, stop = first_row * out_w, stop_row * out_w
+    while sample < stop:
+        b, first, last = _span(sample, stop, per_image)
+        _span_geometry(offset, base_y, base_x, kw, constants, b, first, last,
+                       plane_w, c, corner, frac_y, frac_x, inside, False)
+        for i in range(last - first):
+            row = (sample + i - first_row * out_w) * columns.shape[1]
             for g in range(n_groups):
                 for k in range(n_taps):
                     t = g * n_taps + k
-                    y0, x0 = top[t, ox], left[t, ox]
-                    w00, w01 = weights[t, 0, ox], weights[t, 1, ox]
-                    w10, w11 = weights[t, 2, ox], weights[t, 3, ox]
+                    m = mask[b, g, k, first + i] if has_mask else one
+                    w00, w01, w10, w11 = _bilinear_weights(
+                        frac_y[t, i], frac_x[t, i], m, one)
+                    at = b * image_size + corner[t, i]
                     for s in range(segments.shape[1]):
-                        start, stop = segments[g, s, 0], segments[g, s, 1]
-                        first = segments[g, s, 2] + k * group_width + start
-                        out = column[first:first + stop - start]
-                        v00 = plane[b, y0, x0, start:stop]
-                        v01 = plane[b, y0, x0 + 1, start:stop]
-                        v10 = plane[b, y0 + 1, x0, start:stop]
-                        v11 = plane[b, y0 + 1, x0 + 1, start:stop]
-                        for i in range(stop - start):
-                            out[i] = (w00 * v00[i] + w01 * v01[i]
-                                      + w10 * v10[i] + w11 * v11[i])
+                        start, end = segments[g, s, 0], segments[g, s, 1]
+                        column = (row + segments[g, s, 2] + k * group_width
+                                  + start)
+                        _simd.blend(columns, column, plane, at + start, c,
+                                    row_size, end - start, w00, w01, w10,
+                                    w11)
+        sample += last - first
 
 
-@numba.njit(inline='always')
-def _add_scaled(out, scale, values):
-    for i in range(len(out)):
-        out[i] += scale * values[i]
-
-
-# reassoc: LLVM may reorder the sums over channels to vectorize them (the
-# same way on every run); nothing is assumed about NaN or infinities.
-@numba.njit(nogil=True, cache=True, fastmath={'reassoc'})
+@numba.njit(nogil=True, cache=True)
 def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
              segments, group_width, first_row, stop_row, offset_grad,
              grad_columns, grad_plane, grad_offset, grad_mask):
-    """Coordinate and mask gradients of a block, and the adjoint scatter.
+    """Offset and mask gradients of a block, and the adjoint scatter.
 
-    A sample's derivative along y is ``(1 - fx)(v10 - v00) + fx (v11 -
-    v01)`` (corners ``v``), and likewise along x; times the mask and summed
-    with the column's gradient over the channels, it is the offset's
-    gradient. The mask's gradient is the unmodulated sample so summed.
-    Without ``offset_grad`` the offset's gradient is not computed. Arguments
-    as in
+    With ``s_q`` the column's gradient times corner q summed over a tap's
+    channels, the sample's derivative along y is ``(1 - fx)(s10 - s00) +
+    fx (s11 - s01)``, and likewise along x; times the mask, it is the
+    offset's gradient. The mask's is ``sum_q weight_q s_q``. Without
+    ``offset_grad`` the offset's gradient is not computed. Arguments as in
     :func:`gather`; ``grad_plane`` (like ``plane``) is added to,
     ``grad_offset`` (like ``offset``) and ``grad_mask`` (like ``mask``)
     are written.
     """
+    n, _, plane_w, c = plane.shape
     _, n_groups, _, n_taps, out_h, out_w = offset.shape
-    top, left, frac_y, frac_x, inside, weights = _row_buffers(offset, plane)
+    per_image = out_h * out_w
+    offset = offset.reshape(n, n_groups, 2, n_taps, per_image)
+    grad_offset = grad_offset.reshape(offset.shape)
+    mask = mask.reshape(mask.shape[0], mask.shape[1], mask.shape[2], -1)
+    grad_mask = grad_mask.reshape(mask.shape)
+    image_size = plane[0].size
+    row_size = plane_w * c
     one = constants[1]
     zero = constants[0] + one
-    for row in range(first_row, stop_row):
-        b = row // out_h
-        oy = row - b * out_h
-        _row_geometry(offset, mask, has_mask, base_y, base_x, kw, constants,
-                      b, oy, top, left, frac_y, frac_x, inside, weights,
-                      True)
-        for ox in range(out_w):
-            grad_column = grad_columns[(row - first_row) * out_w + ox]
+    corner, frac_y, frac_x, inside = _span_buffers(n_groups * n_taps, plane,
+                                                   True)
+    sample, stop = first_row * out_w, stop_row * out_w
+    while sample < stop:
+        b, first, last = _span(sample, stop, per_image)
+        _span_geometry(offset, base_y, base_x, kw, constants, b, first, last,
+                       plane_w, c, corner, frac_y, frac_x, inside, True)
+        for i in range(last - first):
+            row = (sample + i - first_row * out_w) * grad_columns.shape[1]
             for g in range(n_groups):
                 for k in range(n_taps):
                     t = g * n_taps + k
-                    y0, x0 = top[t, ox], left[t, ox]
-                    w00, w01 = weights[t, 0, ox], weights[t, 1, ox]
-                    w10, w11 = weights[t, 2, ox], weights[t, 3, ox]
+                    fy, fx = frac_y[t, i], frac_x[t, i]
+                    m = mask[b, g, k, first + i] if has_mask else one
+                    w00, w01, w10, w11 = _bilinear_weights(fy, fx, m, one)
+                    at = b * image_size + corner[t, i]
                     # Samples with no corner in the image (NaN ones too)
                     # scatter nothing.
-                    scatter = inside[t, 0, ox] * inside[t, 1, ox] > 0
-                    fy, fx = frac_y[t, ox], frac_x[t, ox]
-                    ey, ex = one - fy, one - fx
-                    # d/dy, d/dx of the sample and, for the mask, the
-                    # unmodulated sample, each summed with the column's
-                    # gradient over the channels.
-                    sum_y = sum_x = sum_m = zero
+                    scatter = inside[t, 0, i] * inside[t, 1, i] > zero
+                    s00 = s01 = s10 = s11 = zero
                     for s in range(segments.shape[1]):
-                        start, stop = segments[g, s, 0], segments[g, s, 1]
-                        first = segments[g, s, 2] + k * group_width + start
-                        gc = grad_column[first:first + stop - start]
-                        v00 = plane[b, y0, x0, start:stop]
-                        v01 = plane[b, y0, x0 + 1, start:stop]
-                        v10 = plane[b, y0 + 1, x0, start:stop]
-                        v11 = plane[b, y0 + 1, x0 + 1, start:stop]
-                        if offset_grad:
-                            for i in range(stop - start):
-                                sum_y += gc[i] * (ex * (v10[i] - v00[i])
-                                                  + fx * (v11[i] - v01[i]))
-                                sum_x += gc[i] * (ey * (v01[i] - v00[i])
-                                                  + fy * (v11[i] - v10[i]))
-                        if has_mask:
-                            for i in range(stop - start):
-                                sum_m += gc[i] * (
-                                    ey * (ex * v00[i] + fx * v01[i])
-                                    + fy * (ex * v10[i] + fx * v11[i]))
+                        start, end = segments[g, s, 0], segments[g, s, 1]
+                        column = (row + segments[g, s, 2] + k * group_width
+                                  + start)
+                        if offset_grad or has_mask:
+                            d00, d01, d10, d11 = _simd.corner_dots(
+                                plane, at + start, c, row_size, end - start,
+                                grad_columns, column)
+                            s00 += d00
+                            s01 += d01
+                            s10 += d10
+                            s11 += d11
                         if scatter:
-                            # One loop per corner: LLVM cannot tell the
-                            # corners apart, and vectorizes each alone.
-                            _add_scaled(grad_plane[b, y0, x0, start:stop],
-                                        w00, gc)
-                            _add_scaled(grad_plane[b, y0, x0 + 1, start:stop],
-                                        w01, gc)
-                            _add_scaled(grad_plane[b, y0 + 1, x0, start:stop],
-                                        w10, gc)
-                            _add_scaled(
-                                grad_plane[b, y0 + 1, x0 + 1, start:stop],
-                                w11, gc)
-                    m = mask[b, g, k, oy, ox] if has_mask else one
+                            _simd.scatter(grad_plane, at + start, c,
+                                          row_size, end - start, w00, w01,
+                                          w10, w11, grad_columns, column)
                     # Multiplying (not branching) keeps NaN from a NaN
                     # fraction.
                     if offset_grad:
-                        grad_offset[b, g, 1, k, oy, ox] = (
-                            sum_y * inside[t, 0, ox] * m)
-                        grad_offset[b, g, 0, k, oy, ox] = (
-                            sum_x * inside[t, 1, ox] * m)
+                        ey, ex = one - fy, one - fx
+                        grad_offset[b, g, 1, k, first + i] = (
+                            (ex * (s10 - s00) + fx * (s11 - s01))
+                            * inside[t, 0, i] * m)
+                        grad_offset[b, g, 0, k, first + i] = (
+                            (ey * (s01 - s00) + fy * (s11 - s10))
+                            * inside[t, 1, i] * m)
                     if has_mask:
-                        grad_mask[b, g, k, oy, ox] = sum_m
+                        u00, u01, u10, u11 = _bilinear_weights(fy, fx, one,
+                                                               one)
+                        grad_mask[b, g, k, first + i] = (
+                            u00 * s00 + u01 * s01 + u10 * s10 + u11 * s11)
+        sample += last - first

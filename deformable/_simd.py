@@ -1,0 +1,270 @@
+"""Loops over a sample's channels, written as LLVM vector operations.
+
+Numba runs LLVM with its SLP vectorizer off, and LLVM's loop vectorizer
+only pays off from 32 floats on: the 8 channels of an offset group (32
+channels in 4 groups) would go one float at a time, and that costs the
+general op twice the default's time. These intrinsics take the channels
+:data:`VECTOR_BYTES` at a time, then the rest one by one, with the
+arithmetic in the scalar code's order, so the results do not depend on how
+many channels there are.
+
+Arrays must be C-contiguous; positions are flat element indices into them,
+unchecked (like Numba's own indexing): the callers compute them from the
+sampling geometry, whose corners stay inside the bordered plane.
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+# 256 bits: AVX2's registers; LLVM splits them where vectors are narrower.
+VECTOR_BYTES = 32
+
+
+def _lanes(dtype):
+    return VECTOR_BYTES // (dtype.bitwidth // 8)
+
+
+def _contiguous_alike(*arrays):
+    """Whether all are C-contiguous float arrays of one dtype."""
+    return all(isinstance(a, types.Array) and a.layout == 'C'
+               and isinstance(a.dtype, types.Float)
+               and a.dtype == arrays[0].dtype for a in arrays)
+
+
+def _pointer(context, builder, array_type, array):
+    return context.make_array(array_type)(context, builder, array).data
+
+
+def _splat(builder, value, lanes):
+    vector = ir.VectorType(value.type, lanes)
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value,
+                                 ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32),
+                                                            lanes), None))
+
+
+class _Access(object):
+    """Loads and stores of one width (1: scalars) at ``base + index``."""
+
+    def __init__(self, builder, lanes, align):
+        self.builder = builder
+        self.lanes = lanes
+        self.align = align
+
+    def _address(self, base, index, element):
+        pointer = self.builder.gep(base, [index])
+        if self.lanes == 1:
+            return pointer
+        return self.builder.bitcast(
+            pointer, ir.VectorType(element, self.lanes).as_pointer())
+
+    def load(self, base, index):
+        return self.builder.load(
+            self._address(base, index, base.type.pointee), align=self.align)
+
+    def store(self, value, base, index):
+        self.builder.store(
+            value, self._address(base, index, base.type.pointee),
+            align=self.align)
+
+    def splat(self, value):
+        return value if self.lanes == 1 else _splat(self.builder, value,
+                                                    self.lanes)
+
+
+def _channel_loops(context, builder, count, dtype, body):
+    """``body(access, j)`` for j in ``[0, count)``: a vector of channels at
+    a time while they last, then one.
+
+    Exactly one vector's worth (8 float32 channels: 32 channels in 4
+    offset groups) skips the loops: they cost more than the work.
+    """
+    intp = context.get_value_type(types.intp)
+    lanes = _lanes(dtype)
+    align = dtype.bitwidth // 8
+    vector = _Access(builder, lanes, align)
+    zero = ir.Constant(intp, 0)
+    one_vector = builder.icmp_signed('==', count, ir.Constant(intp, lanes))
+    with builder.if_else(one_vector, likely=True) as (then, otherwise):
+        with then:
+            body(vector, zero)
+        with otherwise:
+            full = builder.and_(count, ir.Constant(intp, -lanes))
+            for access, start, stop in ((vector, zero, full),
+                                        (_Access(builder, 1, align), full,
+                                         count)):
+                with cgutils.for_range_slice(
+                        builder, start, stop,
+                        ir.Constant(intp, access.lanes)) as (j, _):
+                    body(access, j)
+
+
+def _weighted_corners(builder, access, source, position, steps, weights):
+    """``w00 v00 + w01 v01 + w10 v10 + w11 v11`` in that order."""
+    total = None
+    for step, weight in zip(steps, weights):
+        term = builder.fmul(access.splat(weight),
+                            access.load(source, builder.add(position, step)))
+        total = term if total is None else builder.fadd(total, term)
+    return total
+
+
+def _corner_steps(builder, step_x, step_y):
+    zero = ir.Constant(step_x.type, 0)
+    return zero, step_x, step_y, builder.add(step_y, step_x)
+
+
+@intrinsic
+def blend(typingctx, out, at, source, corner, step_x, step_y, count, w00,
+          w01, w10, w11):
+    """``out[at + j] = w00 source[corner + j] + w01 source[corner + step_x
+    + j] + w10 source[corner + step_y + j] + w11 source[corner + step_y +
+    step_x + j]`` for ``j < count``: a bilinear sample of ``count``
+    channels."""
+    if not _contiguous_alike(out, source):
+        return None
+    dtype = out.dtype
+    signature = types.void(out, types.intp, source, types.intp, types.intp,
+                           types.intp, types.intp, dtype, dtype, dtype, dtype)
+
+    def codegen(context, builder, sig, args):
+        out_, at_, source_, corner_, step_x_, step_y_, count_ = args[:7]
+        out_base = _pointer(context, builder, sig.args[0], out_)
+        source_base = _pointer(context, builder, sig.args[2], source_)
+        steps = _corner_steps(builder, step_x_, step_y_)
+
+        def body(access, j):
+            value = _weighted_corners(builder, access, source_base,
+                                      builder.add(corner_, j), steps,
+                                      args[7:])
+            access.store(value, out_base, builder.add(at_, j))
+        _channel_loops(context, builder, count_, dtype, body)
+        return context.get_dummy_value()
+    return signature, codegen
+
+
+@intrinsic
+def scatter(typingctx, target, corner, step_x, step_y, count, w00, w01, w10,
+            w11, values, at):
+    """``target[corner + step + j] += w values[at + j]`` for the four
+    corners' steps and weights (00, 01, 10, 11, in that order) and ``j <
+    count``: the adjoint of :func:`blend`. The corners must not overlap
+    (their steps at least ``count`` apart)."""
+    if not _contiguous_alike(target, values):
+        return None
+    dtype = target.dtype
+    signature = types.void(target, types.intp, types.intp, types.intp,
+                           types.intp, dtype, dtype, dtype, dtype, values,
+                           types.intp)
+
+    def codegen(context, builder, sig, args):
+        target_, corner_, step_x_, step_y_, count_ = args[:5]
+        weights = args[5:9]
+        values_, at_ = args[9:]
+        target_base = _pointer(context, builder, sig.args[0], target_)
+        values_base = _pointer(context, builder, sig.args[9], values_)
+        steps = _corner_steps(builder, step_x_, step_y_)
+
+        def body(access, j):
+            value = access.load(values_base, builder.add(at_, j))
+            for step, weight in zip(steps, weights):
+                where = builder.add(builder.add(corner_, step), j)
+                total = builder.fadd(
+                    access.load(target_base, where),
+                    builder.fmul(access.splat(weight), value))
+                access.store(total, target_base, where)
+        _channel_loops(context, builder, count_, dtype, body)
+        return context.get_dummy_value()
+    return signature, codegen
+
+
+def _sum_lanes(builder, vectors):
+    """The lane sums of 4 vectors of ``lanes >= 4``, as one 4-lane vector.
+
+    Pairs of vectors become one by adding each half of every run of lanes
+    to the other half (with shuffles), until one vector holds a run per
+    input; then each run is added up the same way. The order of the
+    additions is fixed.
+    """
+    lanes = vectors[0].type.count
+    run = lanes
+    while len(vectors) > 1 or run > 1:
+        half = run // 2
+        if len(vectors) > 1:
+            pairs = list(zip(vectors[::2], vectors[1::2]))
+            width = lanes
+        else:
+            pairs = [(vectors[0], vectors[0])]
+            width = vectors[0].type.count // 2
+        runs = vectors[0].type.count // run
+        low = [j * run + i for j in range(runs) for i in range(half)]
+        if len(vectors) > 1:
+            low += [lanes + index for index in low]
+        low = low[:width]
+        high = [index + half for index in low]
+        vectors = [builder.fadd(
+            builder.shuffle_vector(a, b, _indices(low)),
+            builder.shuffle_vector(a, b, _indices(high)))
+            for a, b in pairs]
+        run = half
+    return vectors[0]
+
+
+def _indices(values):
+    return ir.Constant(ir.VectorType(ir.IntType(32), len(values)), values)
+
+
+@intrinsic
+def corner_dots(typingctx, source, corner, step_x, step_y, count, values,
+                at):
+    """``(s00, s01, s10, s11)``: ``s = sum_j values[at + j] source[corner +
+    step + j]`` for ``j < count`` and each corner's step, as in
+    :func:`blend`: the column gradient's products with the four corners.
+
+    Each vector lane keeps its own sum; the lanes are added up at the end
+    (:func:`_sum_lanes`), then the remaining channels: the same order on
+    every run.
+    """
+    if not _contiguous_alike(source, values):
+        return None
+    dtype = source.dtype
+    signature = types.UniTuple(dtype, 4)(
+        source, types.intp, types.intp, types.intp, types.intp, values,
+        types.intp)
+
+    def codegen(context, builder, sig, args):
+        source_, corner_, step_x_, step_y_, count_, values_, at_ = args
+        source_base = _pointer(context, builder, sig.args[0], source_)
+        values_base = _pointer(context, builder, sig.args[5], values_)
+        steps = _corner_steps(builder, step_x_, step_y_)
+        element = context.get_value_type(dtype)
+        lanes = _lanes(dtype)
+        # One accumulator per corner and width: vectors, then scalars.
+        sums = {}
+        for width in (lanes, 1):
+            kind = element if width == 1 else ir.VectorType(element, width)
+            for q in range(4):
+                sums[width, q] = cgutils.alloca_once_value(
+                    builder, ir.Constant(kind, None))
+
+        def body(access, j):
+            value = access.load(values_base, builder.add(at_, j))
+            for q, step in enumerate(steps):
+                corner_value = access.load(
+                    source_base, builder.add(builder.add(corner_, step), j))
+                slot = sums[access.lanes, q]
+                builder.store(builder.fadd(builder.load(slot), builder.fmul(
+                    value, corner_value)), slot)
+        _channel_loops(context, builder, count_, dtype, body)
+
+        totals = _sum_lanes(builder, [builder.load(sums[lanes, q])
+                                      for q in range(4)])
+        results = [builder.fadd(builder.extract_element(
+            totals, ir.Constant(ir.IntType(32), q)), builder.load(sums[1, q]))
+            for q in range(4)]
+        return context.make_tuple(builder, sig.return_type, results)
+    return signature, codegen
