@@ -31,6 +31,7 @@ import concurrent.futures
 import contextlib
 import importlib
 import itertools
+import math
 import os
 import threading
 
@@ -146,9 +147,11 @@ class _Buffers(object):
     def get(self, name, shape, dtype):
         arrays = self._local.__dict__.setdefault('arrays', {})
         array = arrays.get(name)
-        if array is None or array.size < numpy.prod(shape):
-            array = arrays[name] = numpy.empty(int(numpy.prod(shape)), dtype)
-        return array[:int(numpy.prod(shape))].reshape(shape)
+        # math.prod: numpy.prod costs microseconds, several times a block.
+        size = math.prod(shape)
+        if array is None or array.size < size:
+            array = arrays[name] = numpy.empty(size, dtype)
+        return array[:size].reshape(shape)
 
 
 # --- The problem and its blocks --------------------------------------------
@@ -431,6 +434,7 @@ def backward(plane, offset, W, gy, mask, problem, offset_grad=True,
                                      dtype)
         # An image's blocks in one thread: they scatter into its plane.
         for block in inputs.blocks(images):
+            _, first, stop = block
             columns = None if kept is None else kept.get(_key(block))
             gathered = columns is None
             if gathered:
@@ -442,32 +446,31 @@ def backward(plane, offset, W, gy, mask, problem, offset_grad=True,
             view = problem.block_view(gy, block)
             gy_block.reshape(view.shape[0], view.shape[2], view.shape[3],
                              problem.out_c)[...] = view.transpose(0, 2, 3, 1)
-            geometry = (inputs.gather(block, columns) if gathered
-                        else inputs.geometry(block))
-            for j, (cols, outputs) in enumerate(problem.conv_groups()):
-                numpy.dot(columns[:, cols].T, gy_block[:, outputs],
-                          out=product)
-                grad_weight[j] += product
             _grouped_dot(problem, gy_block,
                          inputs.weight.transpose(0, 2, 1), grad_columns,
                          transposed=True)
-            _, first, stop = block
             if inputs.kernels is not None:
+                # Also gathers the columns, from the corners it loads.
                 inputs.kernels.backward(
                     plane[images], inputs.offset[images],
                     inputs.mask[images], inputs.has_mask,
                     problem.sample_base_y, problem.sample_base_x, problem.kw,
-                    problem.constants,
-                    problem.segments, problem.group_width, first, stop,
-                    offset_grad, grad_columns,
+                    problem.constants, problem.segments, problem.group_width,
+                    first, stop, offset_grad, columns, grad_columns,
                     grad_plane[images], grad_offset[images],
                     grad_mask[images])
             else:
+                geometry = (inputs.gather(block, columns) if gathered
+                            else inputs.geometry(block))
                 _numpy_backward(plane[images], geometry, problem,
                                 grad_columns, grad_plane[images],
                                 grad_offset[images] if offset_grad else None,
                                 grad_mask[images] if inputs.has_mask
                                 else None)
+            for j, (cols, outputs) in enumerate(problem.conv_groups()):
+                numpy.dot(columns[:, cols].T, gy_block[:, outputs],
+                          out=product)
+                grad_weight[j] += product
         grad_weights[index] = grad_weight
         gx[images] = grad_plane[images, 1:-1, 1:-1].transpose(0, 3, 1, 2)
 

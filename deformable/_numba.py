@@ -162,15 +162,18 @@ def gather(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
 @numba.njit(nogil=True, cache=True)
 def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
              segments, group_width, first_row, stop_row, offset_grad,
-             grad_columns, grad_plane, grad_offset, grad_mask):
-    """Offset and mask gradients of a block, and the adjoint scatter.
+             columns, grad_columns, grad_plane, grad_offset, grad_mask):
+    """Offset and mask gradients of a block, the adjoint scatter, and the
+    block's columns again (as :func:`gather`; the corners are loaded
+    anyway).
 
     With ``s_q`` the column's gradient times corner q summed over a tap's
     channels, the sample's derivative along y is ``(1 - fx)(s10 - s00) +
     fx (s11 - s01)``, and likewise along x; times the mask, it is the
     offset's gradient. The mask's is ``sum_q weight_q s_q``. Without
     ``offset_grad`` the offset's gradient is not computed. Arguments as in
-    :func:`gather`; ``grad_plane`` (like ``plane``) is added to,
+    :func:`gather`; ``columns`` are written, ``grad_columns`` (like them)
+    are read, ``grad_plane`` (like ``plane``) is added to,
     ``grad_offset`` (like ``offset``) and ``grad_mask`` (like ``mask``)
     are written.
     """
@@ -209,18 +212,14 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
                         start, end = segments[g, s, 0], segments[g, s, 1]
                         column = (row + segments[g, s, 2] + k * group_width
                                   + start)
-                        if offset_grad or has_mask:
-                            d00, d01, d10, d11 = _simd.corner_dots(
-                                plane, at + start, c, row_size, end - start,
-                                grad_columns, column)
-                            s00 += d00
-                            s01 += d01
-                            s10 += d10
-                            s11 += d11
-                        if scatter:
-                            _simd.scatter(grad_plane, at + start, c,
-                                          row_size, end - start, w00, w01,
-                                          w10, w11, grad_columns, column)
+                        d00, d01, d10, d11 = _simd.tap_backward(
+                            plane, grad_plane, at + start, c, row_size,
+                            end - start, columns, grad_columns, column, w00,
+                            w01, w10, w11, offset_grad or has_mask, scatter)
+                        s00 += d00
+                        s01 += d01
+                        s10 += d10
+                        s11 += d11
                     # Multiplying (not branching) keeps NaN from a NaN
                     # fraction.
                     if offset_grad:

@@ -147,41 +147,6 @@ def blend(typingctx, out, at, source, corner, step_x, step_y, count, w00,
     return signature, codegen
 
 
-@intrinsic
-def scatter(typingctx, target, corner, step_x, step_y, count, w00, w01, w10,
-            w11, values, at):
-    """``target[corner + step + j] += w values[at + j]`` for the four
-    corners' steps and weights (00, 01, 10, 11, in that order) and ``j <
-    count``: the adjoint of :func:`blend`. The corners must not overlap
-    (their steps at least ``count`` apart)."""
-    if not _contiguous_alike(target, values):
-        return None
-    dtype = target.dtype
-    signature = types.void(target, types.intp, types.intp, types.intp,
-                           types.intp, dtype, dtype, dtype, dtype, values,
-                           types.intp)
-
-    def codegen(context, builder, sig, args):
-        target_, corner_, step_x_, step_y_, count_ = args[:5]
-        weights = args[5:9]
-        values_, at_ = args[9:]
-        target_base = _pointer(context, builder, sig.args[0], target_)
-        values_base = _pointer(context, builder, sig.args[9], values_)
-        steps = _corner_steps(builder, step_x_, step_y_)
-
-        def body(access, j):
-            value = access.load(values_base, builder.add(at_, j))
-            for step, weight in zip(steps, weights):
-                where = builder.add(builder.add(corner_, step), j)
-                total = builder.fadd(
-                    access.load(target_base, where),
-                    builder.fmul(access.splat(weight), value))
-                access.store(total, target_base, where)
-        _channel_loops(context, builder, count_, dtype, body)
-        return context.get_dummy_value()
-    return signature, codegen
-
-
 def _sum_lanes(builder, vectors):
     """The lane sums of 4 vectors of ``lanes >= 4``, as one 4-lane vector.
 
@@ -219,27 +184,40 @@ def _indices(values):
 
 
 @intrinsic
-def corner_dots(typingctx, source, corner, step_x, step_y, count, values,
-                at):
-    """``(s00, s01, s10, s11)``: ``s = sum_j values[at + j] source[corner +
-    step + j]`` for ``j < count`` and each corner's step, as in
-    :func:`blend`: the column gradient's products with the four corners.
+def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
+                 columns, grad_columns, at, w00, w01, w10, w11, dots,
+                 scatter):
+    """A tap's share of the backward, with its corners loaded once.
 
-    Each vector lane keeps its own sum; the lanes are added up at the end
+    For ``j < count``: writes :func:`blend`'s ``columns[at + j]`` (the
+    weight's gradient needs the columns again); if ``dots``, returns ``(s00,
+    s01, s10, s11)``, ``s = sum_j grad_columns[at + j] source[corner + step
+    + j]`` for each corner's step (else zeros); if ``scatter``, adds ``w
+    grad_columns[at + j]`` to ``target[corner + step + j]`` for each
+    corner's step and weight. The corners must not overlap (their steps at
+    least ``count`` apart).
+
+    Each vector lane keeps its own sums; the lanes are added up at the end
     (:func:`_sum_lanes`), then the remaining channels: the same order on
     every run.
     """
-    if not _contiguous_alike(source, values):
+    if not _contiguous_alike(source, target, columns, grad_columns):
         return None
     dtype = source.dtype
     signature = types.UniTuple(dtype, 4)(
-        source, types.intp, types.intp, types.intp, types.intp, values,
-        types.intp)
+        source, target, types.intp, types.intp, types.intp, types.intp,
+        columns, grad_columns, types.intp, dtype, dtype, dtype, dtype,
+        types.boolean, types.boolean)
 
     def codegen(context, builder, sig, args):
-        source_, corner_, step_x_, step_y_, count_, values_, at_ = args
+        (source_, target_, corner_, step_x_, step_y_, count_, columns_,
+         grad_columns_, at_) = args[:9]
+        weights = args[9:13]
+        dots_, scatter_ = args[13:]
         source_base = _pointer(context, builder, sig.args[0], source_)
-        values_base = _pointer(context, builder, sig.args[5], values_)
+        target_base = _pointer(context, builder, sig.args[1], target_)
+        columns_base = _pointer(context, builder, sig.args[6], columns_)
+        grad_base = _pointer(context, builder, sig.args[7], grad_columns_)
         steps = _corner_steps(builder, step_x_, step_y_)
         element = context.get_value_type(dtype)
         lanes = _lanes(dtype)
@@ -251,15 +229,41 @@ def corner_dots(typingctx, source, corner, step_x, step_y, count, values,
                 sums[width, q] = cgutils.alloca_once_value(
                     builder, ir.Constant(kind, None))
 
-        def body(access, j):
-            value = access.load(values_base, builder.add(at_, j))
-            for q, step in enumerate(steps):
-                corner_value = access.load(
-                    source_base, builder.add(builder.add(corner_, step), j))
-                slot = sums[access.lanes, q]
-                builder.store(builder.fadd(builder.load(slot), builder.fmul(
-                    value, corner_value)), slot)
-        _channel_loops(context, builder, count_, dtype, body)
+        def body(access, j, with_dots, with_scatter):
+            position = builder.add(at_, j)
+            corners = [access.load(source_base, builder.add(
+                builder.add(corner_, step), j)) for step in steps]
+            # blend()'s sum, in its order.
+            total = None
+            for weight, value in zip(weights, corners):
+                term = builder.fmul(access.splat(weight), value)
+                total = term if total is None else builder.fadd(total, term)
+            access.store(total, columns_base, position)
+            gradient = access.load(grad_base, position)
+            for q, (step, weight) in enumerate(zip(steps, weights)):
+                if with_dots:
+                    slot = sums[access.lanes, q]
+                    builder.store(builder.fadd(
+                        builder.load(slot),
+                        builder.fmul(gradient, corners[q])), slot)
+                if with_scatter:
+                    where = builder.add(builder.add(corner_, step), j)
+                    access.store(builder.fadd(
+                        access.load(target_base, where),
+                        builder.fmul(access.splat(weight), gradient)),
+                        target_base, where)
+
+        # A loop for each case, chosen once.
+        with builder.if_else(dots_) as (with_dots, without):
+            for case, has_dots in ((with_dots, True), (without, False)):
+                with case:
+                    with builder.if_else(scatter_) as (yes, no):
+                        for branch, has_scatter in ((yes, True), (no, False)):
+                            with branch:
+                                _channel_loops(
+                                    context, builder, count_, dtype,
+                                    lambda access, j: body(
+                                        access, j, has_dots, has_scatter))
 
         totals = _sum_lanes(builder, [builder.load(sums[lanes, q])
                                       for q in range(4)])
