@@ -140,20 +140,22 @@ def gather(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
         b, first, last = _span(sample, stop, per_image)
         _span_geometry(offset, base_y, base_x, kw, constants, b, first, last,
                        plane_w, c, corner, frac_y, frac_x, inside, False)
-        for i in range(last - first):
-            row = (sample + i - first_row * out_w) * columns.shape[1]
-            for g in range(n_groups):
-                for k in range(n_taps):
-                    t = g * n_taps + k
-                    m = mask[b, g, k, first + i] if has_mask else one
-                    w00, w01, w10, w11 = _bilinear_weights(
-                        frac_y[t, i], frac_x[t, i], m, one)
-                    at = b * image_size + corner[t, i]
-                    for s in range(segments.shape[1]):
-                        start, end = segments[g, s, 0], segments[g, s, 1]
-                        column = (row + segments[g, s, 2] + k * group_width
-                                  + start)
-                        _simd.blend(columns, column, plane, at + start, c,
+        # A run of channels at a time, in its offset group: the taps' loop
+        # then holds nothing else (and LLVM hoists nothing into it).
+        for g in range(n_groups):
+            for s in range(segments.shape[1]):
+                start, end = segments[g, s, 0], segments[g, s, 1]
+                shift = segments[g, s, 2] + start
+                for i in range(last - first):
+                    row = ((sample + i - first_row * out_w)
+                           * columns.shape[1] + shift)
+                    for k in range(n_taps):
+                        t = g * n_taps + k
+                        m = mask[b, g, k, first + i] if has_mask else one
+                        w00, w01, w10, w11 = _bilinear_weights(
+                            frac_y[t, i], frac_x[t, i], m, one)
+                        _simd.blend(columns, row + k * group_width, plane,
+                                    b * image_size + corner[t, i] + start, c,
                                     row_size, end - start, w00, w01, w10,
                                     w11)
         sample += last - first
@@ -190,38 +192,55 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
     zero = constants[0] + one
     corner, frac_y, frac_x, inside = _span_buffers(n_groups * n_taps, plane,
                                                    True)
+    # Each tap's four sums of a span (over all of its offset group's runs).
+    sums = numpy.empty((n_groups * n_taps, 4, SPAN), plane.dtype)
     sample, stop = first_row * out_w, stop_row * out_w
     while sample < stop:
         b, first, last = _span(sample, stop, per_image)
+        span = last - first
         _span_geometry(offset, base_y, base_x, kw, constants, b, first, last,
                        plane_w, c, corner, frac_y, frac_x, inside, True)
-        for i in range(last - first):
-            row = (sample + i - first_row * out_w) * grad_columns.shape[1]
-            for g in range(n_groups):
-                for k in range(n_taps):
-                    t = g * n_taps + k
+        with_sums = offset_grad or has_mask
+        for g in range(n_groups):
+            for s in range(segments.shape[1]):
+                start, end = segments[g, s, 0], segments[g, s, 1]
+                shift = segments[g, s, 2] + start
+                for i in range(span):
+                    row = ((sample + i - first_row * out_w)
+                           * columns.shape[1] + shift)
+                    for k in range(n_taps):
+                        t = g * n_taps + k
+                        m = mask[b, g, k, first + i] if has_mask else one
+                        w00, w01, w10, w11 = _bilinear_weights(
+                            frac_y[t, i], frac_x[t, i], m, one)
+                        # Samples with no corner in the image (NaN ones
+                        # too) scatter nothing.
+                        scatter = inside[t, 0, i] * inside[t, 1, i] > zero
+                        s00, s01, s10, s11 = _simd.tap_backward(
+                            plane, grad_plane,
+                            b * image_size + corner[t, i] + start, c,
+                            row_size, end - start, columns, grad_columns,
+                            row + k * group_width, w00, w01, w10, w11,
+                            with_sums, scatter)
+                        if s > 0:
+                            s00 += sums[t, 0, i]
+                            s01 += sums[t, 1, i]
+                            s10 += sums[t, 2, i]
+                            s11 += sums[t, 3, i]
+                        sums[t, 0, i] = s00
+                        sums[t, 1, i] = s01
+                        sums[t, 2, i] = s10
+                        sums[t, 3, i] = s11
+        # The gradients from the sums. Multiplying (not branching) keeps
+        # NaN from a NaN fraction.
+        for g in range(n_groups):
+            for k in range(n_taps):
+                t = g * n_taps + k
+                for i in range(span if with_sums else 0):
                     fy, fx = frac_y[t, i], frac_x[t, i]
+                    s00, s01 = sums[t, 0, i], sums[t, 1, i]
+                    s10, s11 = sums[t, 2, i], sums[t, 3, i]
                     m = mask[b, g, k, first + i] if has_mask else one
-                    w00, w01, w10, w11 = _bilinear_weights(fy, fx, m, one)
-                    at = b * image_size + corner[t, i]
-                    # Samples with no corner in the image (NaN ones too)
-                    # scatter nothing.
-                    scatter = inside[t, 0, i] * inside[t, 1, i] > zero
-                    s00 = s01 = s10 = s11 = zero
-                    for s in range(segments.shape[1]):
-                        start, end = segments[g, s, 0], segments[g, s, 1]
-                        column = (row + segments[g, s, 2] + k * group_width
-                                  + start)
-                        d00, d01, d10, d11 = _simd.tap_backward(
-                            plane, grad_plane, at + start, c, row_size,
-                            end - start, columns, grad_columns, column, w00,
-                            w01, w10, w11, offset_grad or has_mask, scatter)
-                        s00 += d00
-                        s01 += d01
-                        s10 += d10
-                        s11 += d11
-                    # Multiplying (not branching) keeps NaN from a NaN
-                    # fraction.
                     if offset_grad:
                         ey, ex = one - fy, one - fx
                         grad_offset[b, g, 1, k, first + i] = (
