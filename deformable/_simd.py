@@ -77,8 +77,9 @@ class _Access(object):
 
 
 def _channel_loops(context, builder, count, dtype, body):
-    """``body(access, j)`` for j in ``[0, count)``: a vector of channels at
-    a time while they last, then one.
+    """``body(access, j, exact)`` for j in ``[0, count)``: a vector of
+    channels at a time while they last, then one; ``exact`` when one vector
+    is all there is.
 
     Exactly one vector's worth (8 float32 channels: 32 channels in 4
     offset groups) skips the loops: they cost more than the work.
@@ -91,7 +92,7 @@ def _channel_loops(context, builder, count, dtype, body):
     one_vector = builder.icmp_signed('==', count, ir.Constant(intp, lanes))
     with builder.if_else(one_vector, likely=True) as (then, otherwise):
         with then:
-            body(vector, zero)
+            body(vector, zero, True)
         with otherwise:
             full = builder.and_(count, ir.Constant(intp, -lanes))
             for access, start, stop in ((vector, zero, full),
@@ -100,7 +101,7 @@ def _channel_loops(context, builder, count, dtype, body):
                 with cgutils.for_range_slice(
                         builder, start, stop,
                         ir.Constant(intp, access.lanes)) as (j, _):
-                    body(access, j)
+                    body(access, j, False)
 
 
 def _weighted_corners(builder, access, source, position, steps, weights):
@@ -137,7 +138,7 @@ def blend(typingctx, out, at, source, corner, step_x, step_y, count, w00,
         source_base = _pointer(context, builder, sig.args[2], source_)
         steps = _corner_steps(builder, step_x_, step_y_)
 
-        def body(access, j):
+        def body(access, j, exact):
             value = _weighted_corners(builder, access, source_base,
                                       builder.add(corner_, j), steps,
                                       args[7:])
@@ -148,35 +149,38 @@ def blend(typingctx, out, at, source, corner, step_x, step_y, count, w00,
 
 
 def _sum_lanes(builder, vectors):
-    """The lane sums of 4 vectors of ``lanes >= 4``, as one 4-lane vector.
+    """The lane sums of 4 vectors (float32 x 8 or float64 x 4), as one
+    4-lane vector, in a fixed order: pairwise sums within 128-bit halves
+    first (:func:`_pair_sums`, what x86's ``haddps`` does), then across."""
+    a_b = _pair_sums(builder, vectors[0], vectors[1])
+    c_d = _pair_sums(builder, vectors[2], vectors[3])
+    lanes = a_b.type.count
+    if lanes == 8:
+        # [a0123 b0123 c0123 d0123 | a4567 b4567 c4567 d4567]
+        quads = _pair_sums(builder, a_b, c_d)
+        return builder.fadd(
+            builder.shuffle_vector(quads, quads, _indices([0, 1, 2, 3])),
+            builder.shuffle_vector(quads, quads, _indices([4, 5, 6, 7])))
+    # [a01 b01 a23 b23], [c01 d01 c23 d23]
+    return builder.fadd(
+        builder.shuffle_vector(a_b, c_d, _indices([0, 1, 4, 5])),
+        builder.shuffle_vector(a_b, c_d, _indices([2, 3, 6, 7])))
 
-    Pairs of vectors become one by adding each half of every run of lanes
-    to the other half (with shuffles), until one vector holds a run per
-    input; then each run is added up the same way. The order of the
-    additions is fixed.
-    """
-    lanes = vectors[0].type.count
-    run = lanes
-    while len(vectors) > 1 or run > 1:
-        half = run // 2
-        if len(vectors) > 1:
-            pairs = list(zip(vectors[::2], vectors[1::2]))
-            width = lanes
-        else:
-            pairs = [(vectors[0], vectors[0])]
-            width = vectors[0].type.count // 2
-        runs = vectors[0].type.count // run
-        low = [j * run + i for j in range(runs) for i in range(half)]
-        if len(vectors) > 1:
-            low += [lanes + index for index in low]
-        low = low[:width]
-        high = [index + half for index in low]
-        vectors = [builder.fadd(
-            builder.shuffle_vector(a, b, _indices(low)),
-            builder.shuffle_vector(a, b, _indices(high)))
-            for a, b in pairs]
-        run = half
-    return vectors[0]
+
+def _pair_sums(builder, a, b):
+    """Sums of neighbouring lanes of ``a`` and ``b``, interleaved within
+    each 128-bit half: ``[a0+a1, a2+a3, b0+b1, b2+b3, ...]`` (float32),
+    ``[a0+a1, b0+b1, a2+a3, b2+b3]`` (float64)."""
+    lanes = a.type.count
+    block = lanes // 2 if lanes == 4 else 4
+    even, odd = [], []
+    for start in range(0, lanes, block):
+        for source in (0, lanes):
+            for i in range(0, block, 2):
+                even.append(source + start + i)
+                odd.append(source + start + i + 1)
+    return builder.fadd(builder.shuffle_vector(a, b, _indices(even)),
+                        builder.shuffle_vector(a, b, _indices(odd)))
 
 
 def _indices(values):
@@ -197,9 +201,9 @@ def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
     corner's step and weight. The corners must not overlap (their steps at
     least ``count`` apart).
 
-    Each vector lane keeps its own sums; the lanes are added up at the end
-    (:func:`_sum_lanes`), then the remaining channels: the same order on
-    every run.
+    Each vector lane keeps its own sums (the channels after the last whole
+    vector go to the first lane), added up at the end by
+    :func:`_sum_lanes`: the same order on every run.
     """
     if not _contiguous_alike(source, target, columns, grad_columns):
         return None
@@ -221,15 +225,25 @@ def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
         steps = _corner_steps(builder, step_x_, step_y_)
         element = context.get_value_type(dtype)
         lanes = _lanes(dtype)
-        # One accumulator per corner and width: vectors, then scalars.
-        sums = {}
-        for width in (lanes, 1):
-            kind = element if width == 1 else ir.VectorType(element, width)
-            for q in range(4):
-                sums[width, q] = cgutils.alloca_once_value(
-                    builder, ir.Constant(kind, None))
+        # A vector of sums per corner; the channels after the last whole
+        # vector add to its first lane.
+        vector = ir.VectorType(element, lanes)
+        sums = [cgutils.alloca_once_value(builder, ir.Constant(vector, None))
+                for _ in range(4)]
+        first_lane = ir.Constant(ir.IntType(32), 0)
 
-        def body(access, j, with_dots, with_scatter):
+        def accumulate(slot, product, access, exact):
+            if exact:
+                builder.store(product, slot)
+            elif access.lanes > 1:
+                builder.store(builder.fadd(builder.load(slot), product), slot)
+            else:
+                partial = builder.load(slot)
+                builder.store(builder.insert_element(partial, builder.fadd(
+                    builder.extract_element(partial, first_lane), product),
+                    first_lane), slot)
+
+        def body(access, j, exact, with_dots, with_scatter):
             position = builder.add(at_, j)
             corners = [access.load(source_base, builder.add(
                 builder.add(corner_, step), j)) for step in steps]
@@ -242,10 +256,8 @@ def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
             gradient = access.load(grad_base, position)
             for q, (step, weight) in enumerate(zip(steps, weights)):
                 if with_dots:
-                    slot = sums[access.lanes, q]
-                    builder.store(builder.fadd(
-                        builder.load(slot),
-                        builder.fmul(gradient, corners[q])), slot)
+                    accumulate(sums[q], builder.fmul(gradient, corners[q]),
+                               access, exact)
                 if with_scatter:
                     where = builder.add(builder.add(corner_, step), j)
                     access.store(builder.fadd(
@@ -262,13 +274,12 @@ def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
                             with branch:
                                 _channel_loops(
                                     context, builder, count_, dtype,
-                                    lambda access, j: body(
-                                        access, j, has_dots, has_scatter))
+                                    lambda access, j, exact: body(
+                                        access, j, exact, has_dots,
+                                        has_scatter))
 
-        totals = _sum_lanes(builder, [builder.load(sums[lanes, q])
-                                      for q in range(4)])
-        results = [builder.fadd(builder.extract_element(
-            totals, ir.Constant(ir.IntType(32), q)), builder.load(sums[1, q]))
-            for q in range(4)]
+        totals = _sum_lanes(builder, [builder.load(slot) for slot in sums])
+        results = [builder.extract_element(totals, ir.Constant(
+            ir.IntType(32), q)) for q in range(4)]
         return context.make_tuple(builder, sig.return_type, results)
     return signature, codegen
