@@ -29,12 +29,14 @@ SPAN = 112
 
 
 @numba.njit(nogil=True, cache=True)
-def _span_geometry(offset, base_y, base_x, kw, constants, b, first, stop,
-                   plane_w, c, corner, frac_y, frac_x, inside, for_backward):
+def _span_geometry(offset, mask, has_mask, base_y, base_x, kw, constants, b,
+                   first, stop, plane_w, c, corner, frac_y, frac_x, weights,
+                   inside, for_backward):
     """Where the taps of samples ``[first, stop)`` of image b fall.
 
     Args:
         offset: ``(n, G, 2, K, out_h * out_w)``; ``[:, :, 0]`` is x.
+        mask: ``(n, G, K, out_h * out_w)`` if ``has_mask``.
         base_y, base_x: ``(kh, out_h * out_w)``, ``(kw, out_h * out_w)``:
             each sample's tap bases.
         constants: -1, 1, h and w in the data's dtype (number literals
@@ -43,6 +45,10 @@ def _span_geometry(offset, base_y, base_x, kw, constants, b, first, stop,
         corner, frac_y, frac_x: ``(G * K, SPAN)``, filled for tap ``t = g *
             K + k`` and the span's samples: the flat index of the top-left
             corner in the image's bordered plane, and the fractions.
+        weights: ``(G * K, 4, SPAN)``, filled unless ``for_backward``: the
+            corners' bilinear weights (00, 01, 10, 11) times the mask. (The
+            backward works them out tap by tap: there the rows cost more
+            than they save.)
         inside: ``(G * K, 2, SPAN)``, filled ``for_backward``: 1 where the
             coordinate gradient flows along y (``[:, 0]``) and x, else 0.
     """
@@ -69,6 +75,13 @@ def _span_geometry(offset, base_y, base_x, kw, constants, b, first, stop,
                 lower, fx, _ = axis_geometry(dx[i] + bx[i], low, w)
                 corner_t[i] = (corner_t[i] + int(lower) + 1) * c
                 fx_t[i] = fx
+            if not for_backward:
+                m = mask[b, g, k, first:stop] if has_mask else fy_t
+                # A literal corner each: the loops compile for it alone.
+                _weight_row(weights[t, 0], fy_t, fx_t, m, has_mask, one, 0)
+                _weight_row(weights[t, 1], fy_t, fx_t, m, has_mask, one, 1)
+                _weight_row(weights[t, 2], fy_t, fx_t, m, has_mask, one, 2)
+                _weight_row(weights[t, 3], fy_t, fx_t, m, has_mask, one, 3)
             if for_backward:
                 inside_y, inside_x = inside[t, 0], inside[t, 1]
                 for i in range(span):
@@ -80,11 +93,23 @@ def _span_geometry(offset, base_y, base_x, kw, constants, b, first, stop,
 
 
 @numba.njit(inline='always')
+def _weight_row(out, frac_y, frac_x, mask, has_mask, one, corner_index):
+    """One corner's weights, in a loop of its own (for LLVM to vectorize:
+    it would not with the four)."""
+    for i in range(len(out)):
+        out[i] = _bilinear_weights(frac_y[i], frac_x[i],
+                                   mask[i] if has_mask else one,
+                                   one)[corner_index]
+
+
+@numba.njit(inline='always')
 def _span_buffers(n_total, like, for_backward):
     """Empty ``_span_geometry`` arrays; ``like`` gives the dtype."""
     return (numpy.empty((n_total, SPAN), numpy.int64),
             numpy.empty((n_total, SPAN), like.dtype),
             numpy.empty((n_total, SPAN), like.dtype),
+            numpy.empty((n_total, 4, 0 if for_backward else SPAN),
+                        like.dtype),
             numpy.empty((n_total, 2, SPAN if for_backward else 0),
                         like.dtype))
 
@@ -132,14 +157,14 @@ def gather(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
     mask = mask.reshape(mask.shape[0], mask.shape[1], mask.shape[2], -1)
     image_size = plane[0].size
     row_size = plane_w * c
-    one = constants[1]
-    corner, frac_y, frac_x, inside = _span_buffers(n_groups * n_taps, plane,
-                                                   False)
+    corner, frac_y, frac_x, weights, inside = _span_buffers(
+        n_groups * n_taps, plane, False)
     sample, stop = first_row * out_w, stop_row * out_w
     while sample < stop:
         b, first, last = _span(sample, stop, per_image)
-        _span_geometry(offset, base_y, base_x, kw, constants, b, first, last,
-                       plane_w, c, corner, frac_y, frac_x, inside, False)
+        _span_geometry(offset, mask, has_mask, base_y, base_x, kw, constants,
+                       b, first, last, plane_w, c, corner, frac_y, frac_x,
+                       weights, inside, False)
         # A run of channels at a time, in its offset group: the taps' loop
         # then holds nothing else (and LLVM hoists nothing into it).
         for g in range(n_groups):
@@ -151,13 +176,11 @@ def gather(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
                            * columns.shape[1] + shift)
                     for k in range(n_taps):
                         t = g * n_taps + k
-                        m = mask[b, g, k, first + i] if has_mask else one
-                        w00, w01, w10, w11 = _bilinear_weights(
-                            frac_y[t, i], frac_x[t, i], m, one)
                         _simd.blend(columns, row + k * group_width, plane,
                                     b * image_size + corner[t, i] + start, c,
-                                    row_size, end - start, w00, w01, w10,
-                                    w11)
+                                    row_size, end - start, weights[t, 0, i],
+                                    weights[t, 1, i], weights[t, 2, i],
+                                    weights[t, 3, i])
         sample += last - first
 
 
@@ -190,16 +213,17 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
     row_size = plane_w * c
     one = constants[1]
     zero = constants[0] + one
-    corner, frac_y, frac_x, inside = _span_buffers(n_groups * n_taps, plane,
-                                                   True)
+    corner, frac_y, frac_x, weights, inside = _span_buffers(
+        n_groups * n_taps, plane, True)
     # Each tap's four sums of a span (over all of its offset group's runs).
     sums = numpy.empty((n_groups * n_taps, 4, SPAN), plane.dtype)
     sample, stop = first_row * out_w, stop_row * out_w
     while sample < stop:
         b, first, last = _span(sample, stop, per_image)
         span = last - first
-        _span_geometry(offset, base_y, base_x, kw, constants, b, first, last,
-                       plane_w, c, corner, frac_y, frac_x, inside, True)
+        _span_geometry(offset, mask, has_mask, base_y, base_x, kw, constants,
+                       b, first, last, plane_w, c, corner, frac_y, frac_x,
+                       weights, inside, True)
         with_sums = offset_grad or has_mask
         for g in range(n_groups):
             for s in range(segments.shape[1]):
