@@ -12,7 +12,10 @@ c_group, out_group)``.
 Blocks. Columns exist for a block of output rows at a time (about
 :data:`CHUNK_BYTES`, a core's share of the cache), never for the whole
 batch: memory stays small and a block's columns are still in cache when its
-product reads them. The backward gathers them again rather than keep them.
+product reads them. The compiled backward fills them again, in the pass
+that loads the corners for the gradients anyway, rather than keep them; the
+NumPy loops keep them, as their gather costs as much as the rest of their
+backward.
 
 Threads. With the compiled loops (``deformable._numba``, when Numba is
 installed), blocks run on every core, each in one thread from gathering to
@@ -361,9 +364,8 @@ def _key(block):
 
 def forward(x, offset, W, b, mask, problem):
     """Output ``(n, out_c, out_h, out_w)`` and what the backward can reuse:
-    the plane and, from the NumPy loops, the columns by block (their
-    gather costs them as much as the rest of the backward; the compiled
-    loops gather again, to save the memory)."""
+    the plane and, from the NumPy loops, the columns by block (see the
+    module's docstring)."""
     plane = numpy.empty((problem.n, problem.h + 2, problem.w + 2, problem.c),
                         problem.dtype)
     inputs = _Inputs(plane, offset, W, mask, problem)

@@ -1,15 +1,17 @@
 """Compiled CPU loops, used when Numba is installed.
 
 Each call handles a block of output rows of a few images (see ``_cpu``,
-which runs blocks on every core): :func:`gather` fills the block's columns
-and :func:`backward` computes the offset and mask gradients and scatters
-the columns' gradient back onto the input plane.
+which runs blocks on every core): :func:`gather` fills the block's columns;
+:func:`backward` computes the offset and mask gradients, scatters the
+columns' gradient back onto the input plane and fills the columns again
+for the weight's gradient, all from one load of each sample's corners.
 
 Both go through a block :data:`SPAN` samples at a time. First
 :func:`_span_geometry` finds where every tap of those samples falls, with
 ``_geometry.axis_geometry`` (the function the NumPy path applies to
 arrays, compiled here for scalars) in loops over the samples that LLVM
-vectorizes. Then each sample's taps are worked through: a tap's four
+vectorizes. Then a run of channels at a time (an offset group's, within
+one convolution group) goes over the samples and their taps: a tap's four
 corners are each a contiguous run of channels in the channels-last plane,
 which ``_simd`` blends, scatters and multiplies a vector at a time.
 """

@@ -4,9 +4,9 @@ Numba runs LLVM with its SLP vectorizer off, and LLVM's loop vectorizer
 only pays off from 32 floats on: the 8 channels of an offset group (32
 channels in 4 groups) would go one float at a time, and that costs the
 general op twice the default's time. These intrinsics take the channels
-:data:`VECTOR_BYTES` at a time, then the rest one by one, with the
-arithmetic in the scalar code's order, so the results do not depend on how
-many channels there are.
+:data:`VECTOR_BYTES` at a time, then the rest one by one. Per-channel
+results (the blend, the scatter) are the scalar code's, bit for bit; sums
+over channels are added in one fixed order (:func:`tap_backward`).
 
 Arrays must be C-contiguous; positions are flat element indices into them,
 unchecked (like Numba's own indexing): the callers compute them from the
@@ -104,12 +104,17 @@ def _channel_loops(context, builder, count, dtype, body):
                     body(access, j, False)
 
 
-def _weighted_corners(builder, access, source, position, steps, weights):
-    """``w00 v00 + w01 v01 + w10 v10 + w11 v11`` in that order."""
+def _load_corners(builder, access, source, position, steps):
+    """The four corners' channels at ``position``: 00, 01, 10, 11."""
+    return [access.load(source, builder.add(position, step))
+            for step in steps]
+
+
+def _weighted_sum(builder, access, weights, corners):
+    """``w00 v00 + w01 v01 + w10 v10 + w11 v11``, in that order."""
     total = None
-    for step, weight in zip(steps, weights):
-        term = builder.fmul(access.splat(weight),
-                            access.load(source, builder.add(position, step)))
+    for weight, value in zip(weights, corners):
+        term = builder.fmul(access.splat(weight), value)
         total = term if total is None else builder.fadd(total, term)
     return total
 
@@ -139,10 +144,10 @@ def blend(typingctx, out, at, source, corner, step_x, step_y, count, w00,
         steps = _corner_steps(builder, step_x_, step_y_)
 
         def body(access, j, exact):
-            value = _weighted_corners(builder, access, source_base,
-                                      builder.add(corner_, j), steps,
-                                      args[7:])
-            access.store(value, out_base, builder.add(at_, j))
+            corners = _load_corners(builder, access, source_base,
+                                    builder.add(corner_, j), steps)
+            access.store(_weighted_sum(builder, access, args[7:], corners),
+                         out_base, builder.add(at_, j))
         _channel_loops(context, builder, count_, dtype, body)
         return context.get_dummy_value()
     return signature, codegen
@@ -245,13 +250,9 @@ def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
 
         def body(access, j, exact, with_dots, with_scatter):
             position = builder.add(at_, j)
-            corners = [access.load(source_base, builder.add(
-                builder.add(corner_, step), j)) for step in steps]
-            # blend()'s sum, in its order.
-            total = None
-            for weight, value in zip(weights, corners):
-                term = builder.fmul(access.splat(weight), value)
-                total = term if total is None else builder.fadd(total, term)
+            corners = _load_corners(builder, access, source_base,
+                                    builder.add(corner_, j), steps)
+            total = _weighted_sum(builder, access, weights, corners)
             access.store(total, columns_base, position)
             gradient = access.load(grad_base, position)
             for q, (step, weight) in enumerate(zip(steps, weights)):
