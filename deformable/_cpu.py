@@ -51,6 +51,10 @@ if not hasattr(chainer.global_config, 'deformable_use_numba'):
     chainer.global_config.deformable_use_numba = os.environ.get(
         'DEFORMABLE_USE_NUMBA', 'auto')
 
+# Largest bordered image (elements) whose positions the compiled loops keep
+# in 32 bits.
+INT32_PLANE_LIMIT = 2 ** 31 - 1
+
 # Columns per block, in bytes.
 CHUNK_BYTES = 2 ** 20
 NUMPY_CHUNK_BYTES = 8 * 2 ** 20
@@ -188,6 +192,11 @@ class Problem(object):
         self.n_columns = self.n_taps * self.c
         # -1, 1, h and w in the compute dtype, for the compiled loops.
         self.constants = numpy.array([-1, 1, self.h, self.w], dtype)
+        # The compiled loops' type for positions within an image's plane:
+        # 32 bits where they fit (less to compute and to keep in cache).
+        plane_size = (self.h + 2) * (self.w + 2) * self.c
+        self.index_like = numpy.empty(
+            0, numpy.int32 if plane_size <= INT32_PLANE_LIMIT else numpy.int64)
 
     def _segments(self):
         offset_width = self.c // self.n_groups
@@ -349,8 +358,8 @@ class _Inputs(object):
             self.kernels.gather(
                 self.plane[images], self.offset[images], self.mask[images],
                 self.has_mask, problem.sample_base_y, problem.sample_base_x,
-                problem.kw, problem.constants, problem.segments,
-                problem.group_width, first, stop, columns)
+                problem.kw, problem.constants, problem.index_like,
+                problem.segments, problem.group_width, first, stop, columns)
             return None
         geometry = self.geometry(block)
         _numpy_gather(self.plane[images], geometry, problem, columns)
@@ -457,7 +466,8 @@ def backward(plane, offset, W, gy, mask, problem, offset_grad=True,
                     plane[images], inputs.offset[images],
                     inputs.mask[images], inputs.has_mask,
                     problem.sample_base_y, problem.sample_base_x, problem.kw,
-                    problem.constants, problem.segments, problem.group_width,
+                    problem.constants, problem.index_like, problem.segments,
+                    problem.group_width,
                     first, stop, offset_grad, columns, grad_columns,
                     grad_plane[images], grad_offset[images],
                     grad_mask[images])

@@ -46,7 +46,8 @@ def _span_geometry(offset, mask, has_mask, base_y, base_x, kw, constants, b,
         plane_w, c: The bordered plane's width and channels.
         corner, frac_y, frac_x: ``(G * K, SPAN)``, filled for tap ``t = g *
             K + k`` and the span's samples: the flat index of the top-left
-            corner in the image's bordered plane, and the fractions.
+            corner in the image's bordered plane (int32 where it fits, see
+            ``_cpu.Problem``), and the fractions.
         weights: ``(G * K, 4, SPAN)``, filled unless ``for_backward``: the
             corners' bilinear weights (00, 01, 10, 11) times the mask. (The
             backward works them out tap by tap: there the rows cost more
@@ -105,9 +106,10 @@ def _weight_row(out, frac_y, frac_x, mask, has_mask, one, corner_index):
 
 
 @numba.njit(inline='always')
-def _span_buffers(n_total, like, for_backward):
-    """Empty ``_span_geometry`` arrays; ``like`` gives the dtype."""
-    return (numpy.empty((n_total, SPAN), numpy.int64),
+def _span_buffers(n_total, like, index_like, for_backward):
+    """Empty ``_span_geometry`` arrays; ``like`` gives the dtype,
+    ``index_like`` the corners'."""
+    return (numpy.empty((n_total, SPAN), index_like.dtype),
             numpy.empty((n_total, SPAN), like.dtype),
             numpy.empty((n_total, SPAN), like.dtype),
             numpy.empty((n_total, 4, 0 if for_backward else SPAN),
@@ -133,7 +135,7 @@ def _bilinear_weights(fy, fx, m, one):
 
 @numba.njit(nogil=True, cache=True)
 def gather(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
-           segments, group_width, first_row, stop_row, columns):
+           index_like, segments, group_width, first_row, stop_row, columns):
     """Bilinear (and modulated) samples of a block into ``columns``.
 
     Args:
@@ -144,6 +146,8 @@ def gather(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
             each sample's tap bases.
         kw: Kernel width.
         constants: -1, 1, h and w in the data's dtype.
+        index_like: An array of the integer type that holds positions in
+            an image's bordered plane (int32 where they fit).
         segments: ``(G, S, 3)``: per offset group, runs of channels
             ``[start, stop)`` whose column is ``shift + k * group_width +
             channel`` (``stop == start`` pads unused runs).
@@ -160,7 +164,7 @@ def gather(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
     image_size = plane[0].size
     row_size = plane_w * c
     corner, frac_y, frac_x, weights, inside = _span_buffers(
-        n_groups * n_taps, plane, False)
+        n_groups * n_taps, plane, index_like, False)
     sample, stop = first_row * out_w, stop_row * out_w
     while sample < stop:
         b, first, last = _span(sample, stop, per_image)
@@ -188,8 +192,9 @@ def gather(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
 
 @numba.njit(nogil=True, cache=True)
 def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
-             segments, group_width, first_row, stop_row, offset_grad,
-             columns, grad_columns, grad_plane, grad_offset, grad_mask):
+             index_like, segments, group_width, first_row, stop_row,
+             offset_grad, columns, grad_columns, grad_plane, grad_offset,
+             grad_mask):
     """Offset and mask gradients of a block, the adjoint scatter, and the
     block's columns again (as :func:`gather`; the corners are loaded
     anyway).
@@ -216,7 +221,7 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
     one = constants[1]
     zero = constants[0] + one
     corner, frac_y, frac_x, weights, inside = _span_buffers(
-        n_groups * n_taps, plane, True)
+        n_groups * n_taps, plane, index_like, True)
     # Each tap's four sums of a span (over all of its offset group's runs).
     sums = numpy.empty((n_groups * n_taps, 4, SPAN), plane.dtype)
     sample, stop = first_row * out_w, stop_row * out_w

@@ -161,3 +161,33 @@ def test_compiled_op_agrees_with_numpy_loops(width, offset_groups, groups,
         scale = max(1.0, numpy.abs(numpy_result).max())
         numpy.testing.assert_allclose(compiled, numpy_result, rtol=0,
                                       atol=tolerance * scale)
+
+
+def test_64_bit_plane_positions_give_the_same_results(monkeypatch):
+    """Images too large for 32-bit positions take 64-bit ones (forced here
+    on a small image): the same results, bit for bit."""
+    from deformable import _cpu
+    rng = numpy.random.RandomState(7)
+    x = rng.uniform(-1, 1, (2, 8, 7, 6))
+    offset = rng.uniform(-3, 3, (2, 36, 7, 6))
+    W = rng.uniform(-1, 1, (3, 8, 3, 3))
+    mask = rng.uniform(0, 1, (2, 18, 7, 6))
+    gy = rng.uniform(-1, 1, (2, 3, 7, 6))
+
+    def run():
+        inputs = [chainer.Variable(a) for a in (x, offset, W, mask)]
+        with chainer.using_config('deformable_use_numba', 'always'):
+            y = deformable.deformable_convolution_2d_sampler(
+                inputs[0], inputs[1], inputs[2], pad=1, mask=inputs[3])
+            y.grad = gy
+            y.backward()
+        return [y.array] + [v.grad for v in inputs]
+
+    narrow = run()
+    monkeypatch.setattr(_cpu, 'INT32_PLANE_LIMIT', 0)
+    assert _cpu.Problem(
+        x.shape, offset.shape, W.shape, (1, 1), (1, 1), (1, 1), 1,
+        x.dtype).index_like.dtype == numpy.int64
+    wide = run()
+    for a, b in zip(narrow, wide):
+        numpy.testing.assert_array_equal(a, b)
