@@ -223,7 +223,7 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
     corner, frac_y, frac_x, weights, inside = _span_buffers(
         n_groups * n_taps, plane, index_like, True)
     # Each tap's four sums of a span (over all of its offset group's runs).
-    sums = numpy.empty((n_groups * n_taps, 4, SPAN), plane.dtype)
+    sums = numpy.empty((n_groups * n_taps, SPAN, 4), plane.dtype)
     sample, stop = first_row * out_w, stop_row * out_w
     while sample < stop:
         b, first, last = _span(sample, stop, per_image)
@@ -254,14 +254,14 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
                             row + k * group_width, w00, w01, w10, w11,
                             with_sums, scatter)
                         if s > 0:
-                            s00 += sums[t, 0, i]
-                            s01 += sums[t, 1, i]
-                            s10 += sums[t, 2, i]
-                            s11 += sums[t, 3, i]
-                        sums[t, 0, i] = s00
-                        sums[t, 1, i] = s01
-                        sums[t, 2, i] = s10
-                        sums[t, 3, i] = s11
+                            s00 += sums[t, i, 0]
+                            s01 += sums[t, i, 1]
+                            s10 += sums[t, i, 2]
+                            s11 += sums[t, i, 3]
+                        sums[t, i, 0] = s00
+                        sums[t, i, 1] = s01
+                        sums[t, i, 2] = s10
+                        sums[t, i, 3] = s11
         # The gradients from the sums. Multiplying (not branching) keeps
         # NaN from a NaN fraction.
         for g in range(n_groups):
@@ -269,8 +269,8 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
                 t = g * n_taps + k
                 for i in range(span if with_sums else 0):
                     fy, fx = frac_y[t, i], frac_x[t, i]
-                    s00, s01 = sums[t, 0, i], sums[t, 1, i]
-                    s10, s11 = sums[t, 2, i], sums[t, 3, i]
+                    s00, s01 = sums[t, i, 0], sums[t, i, 1]
+                    s10, s11 = sums[t, i, 2], sums[t, i, 3]
                     m = mask[b, g, k, first + i] if has_mask else one
                     if offset_grad:
                         ey, ex = one - fy, one - fx
