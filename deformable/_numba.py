@@ -285,4 +285,4 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
                                                                one)
                         grad_mask[b, g, k, first + i] = (
                             u00 * s00 + u01 * s01 + u10 * s10 + u11 * s11)
-        sample += last - first
+        sample += span

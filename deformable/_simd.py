@@ -104,10 +104,9 @@ def _channel_loops(context, builder, count, dtype, body):
                     body(access, j, False)
 
 
-def _load_corners(builder, access, source, position, steps):
-    """The four corners' channels at ``position``: 00, 01, 10, 11."""
-    return [access.load(source, builder.add(position, step))
-            for step in steps]
+def _corner_positions(builder, position, steps):
+    """The four corners' positions (00, 01, 10, 11) from the top-left's."""
+    return [builder.add(position, step) for step in steps]
 
 
 def _weighted_sum(builder, access, weights, corners):
@@ -144,8 +143,9 @@ def blend(typingctx, out, at, source, corner, step_x, step_y, count, w00,
         steps = _corner_steps(builder, step_x_, step_y_)
 
         def body(access, j, exact):
-            corners = _load_corners(builder, access, source_base,
-                                    builder.add(corner_, j), steps)
+            corners = [access.load(source_base, where) for where in
+                       _corner_positions(builder, builder.add(corner_, j),
+                                         steps)]
             access.store(_weighted_sum(builder, access, args[7:], corners),
                          out_base, builder.add(at_, j))
         _channel_loops(context, builder, count_, dtype, body)
@@ -250,17 +250,17 @@ def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
 
         def body(access, j, exact, with_dots, with_scatter):
             position = builder.add(at_, j)
-            corners = _load_corners(builder, access, source_base,
-                                    builder.add(corner_, j), steps)
+            wheres = _corner_positions(builder, builder.add(corner_, j),
+                                       steps)
+            corners = [access.load(source_base, where) for where in wheres]
             total = _weighted_sum(builder, access, weights, corners)
             access.store(total, columns_base, position)
             gradient = access.load(grad_base, position)
-            for q, (step, weight) in enumerate(zip(steps, weights)):
+            for q, (where, weight) in enumerate(zip(wheres, weights)):
                 if with_dots:
                     accumulate(sums[q], builder.fmul(gradient, corners[q]),
                                access, exact)
                 if with_scatter:
-                    where = builder.add(builder.add(corner_, step), j)
                     access.store(builder.fadd(
                         access.load(target_base, where),
                         builder.fmul(access.splat(weight), gradient)),
