@@ -6,14 +6,15 @@ which runs blocks on every core): :func:`gather` fills the block's columns;
 columns' gradient back onto the input plane and fills the columns again
 for the weight's gradient, all from one load of each sample's corners.
 
-Both go through a block :data:`SPAN` samples at a time. First
-:func:`_span_geometry` finds where every tap of those samples falls, with
-``_geometry.axis_geometry`` (the function the NumPy path applies to
-arrays, compiled here for scalars) in loops over the samples that LLVM
-vectorizes. Then a run of channels at a time (an offset group's, within
-one convolution group) goes over the samples and their taps: a tap's four
-corners are each a contiguous run of channels in the channels-last plane,
-which ``_simd`` blends, scatters and multiplies a vector at a time.
+Both go through a block :data:`SPAN` samples at a time, and an offset
+group at a time. First :func:`_span_geometry` finds where the group's taps
+of those samples fall, with ``_geometry.axis_geometry`` (the function the
+NumPy path applies to arrays, compiled here for scalars) in loops over the
+samples that LLVM vectorizes. Then a run of the group's channels at a time
+(within one convolution group) goes over the samples and their taps: a
+tap's four corners are each a contiguous run of channels in the
+channels-last plane, which ``_simd`` blends, scatters and multiplies a
+vector at a time.
 """
 
 import numba
@@ -32,9 +33,11 @@ SPAN = 112
 
 @numba.njit(nogil=True, cache=True)
 def _span_geometry(offset, mask, has_mask, base_y, base_x, kw, constants, b,
-                   first, stop, plane_w, c, corner, frac_y, frac_x, weights,
-                   inside, for_backward):
-    """Where the taps of samples ``[first, stop)`` of image b fall.
+                   g, first, stop, plane_w, c, corner, frac_y, frac_x,
+                   weights, inside, for_backward):
+    """Where offset group g's taps of samples ``[first, stop)`` of image b
+    fall. (One group at a time: the arrays below stay in the core's first
+    cache, which four groups' would not.)
 
     Args:
         offset: ``(n, G, 2, K, out_h * out_w)``; ``[:, :, 0]`` is x.
@@ -44,55 +47,53 @@ def _span_geometry(offset, mask, has_mask, base_y, base_x, kw, constants, b,
         constants: -1, 1, h and w in the data's dtype (number literals
             would turn the arithmetic into float64).
         plane_w, c: The bordered plane's width and channels.
-        corner, frac_y, frac_x: ``(G * K, SPAN)``, filled for tap ``t = g *
-            K + k`` and the span's samples: the flat index of the top-left
-            corner in the image's bordered plane (int32 where it fits, see
+        corner, frac_y, frac_x: ``(K, SPAN)``, filled for the group's taps
+            and the span's samples: the flat index of the top-left corner
+            in the image's bordered plane (int32 where it fits, see
             ``_cpu.Problem``), and the fractions.
-        weights: ``(G * K, 4, SPAN)``, filled unless ``for_backward``: the
+        weights: ``(K, 4, SPAN)``, filled unless ``for_backward``: the
             corners' bilinear weights (00, 01, 10, 11) times the mask. (The
             backward works them out tap by tap: there the rows cost more
             than they save.)
-        inside: ``(G * K, 2, SPAN)``, filled ``for_backward``: 1 where the
+        inside: ``(K, 2, SPAN)``, filled ``for_backward``: 1 where the
             coordinate gradient flows along y (``[:, 0]``) and x, else 0.
     """
-    _, n_groups, _, n_taps, _ = offset.shape
+    n_taps = offset.shape[3]
     low, one, h, w = constants[0], constants[1], constants[2], constants[3]
     zero = low + one
     span = stop - first
-    for g in range(n_groups):
-        for k in range(n_taps):
-            t = g * n_taps + k
-            ky = k // kw
-            dy = offset[b, g, 1, k, first:stop]
-            dx = offset[b, g, 0, k, first:stop]
-            by = base_y[ky, first:stop]
-            bx = base_x[k - ky * kw, first:stop]
-            corner_t, fy_t, fx_t = corner[t], frac_y[t], frac_x[t]
-            # A loop per axis: LLVM vectorizes a loop only if it can check
-            # its few arrays for overlap. +1: the plane's zero border.
+    for k in range(n_taps):
+        ky = k // kw
+        dy = offset[b, g, 1, k, first:stop]
+        dx = offset[b, g, 0, k, first:stop]
+        by = base_y[ky, first:stop]
+        bx = base_x[k - ky * kw, first:stop]
+        corner_t, fy_t, fx_t = corner[k], frac_y[k], frac_x[k]
+        # A loop per axis: LLVM vectorizes a loop only if it can check
+        # its few arrays for overlap. +1: the plane's zero border.
+        for i in range(span):
+            lower, fy, _ = axis_geometry(dy[i] + by[i], low, h)
+            corner_t[i] = (int(lower) + 1) * plane_w
+            fy_t[i] = fy
+        for i in range(span):
+            lower, fx, _ = axis_geometry(dx[i] + bx[i], low, w)
+            corner_t[i] = (corner_t[i] + int(lower) + 1) * c
+            fx_t[i] = fx
+        if not for_backward:
+            m = mask[b, g, k, first:stop] if has_mask else fy_t
+            # A literal corner each: the loops compile for it alone.
+            _weight_row(weights[k, 0], fy_t, fx_t, m, has_mask, one, 0)
+            _weight_row(weights[k, 1], fy_t, fx_t, m, has_mask, one, 1)
+            _weight_row(weights[k, 2], fy_t, fx_t, m, has_mask, one, 2)
+            _weight_row(weights[k, 3], fy_t, fx_t, m, has_mask, one, 3)
+        if for_backward:
+            inside_y, inside_x = inside[k, 0], inside[k, 1]
             for i in range(span):
-                lower, fy, _ = axis_geometry(dy[i] + by[i], low, h)
-                corner_t[i] = (int(lower) + 1) * plane_w
-                fy_t[i] = fy
+                _, _, flows = axis_geometry(dy[i] + by[i], low, h)
+                inside_y[i] = one if flows else zero
             for i in range(span):
-                lower, fx, _ = axis_geometry(dx[i] + bx[i], low, w)
-                corner_t[i] = (corner_t[i] + int(lower) + 1) * c
-                fx_t[i] = fx
-            if not for_backward:
-                m = mask[b, g, k, first:stop] if has_mask else fy_t
-                # A literal corner each: the loops compile for it alone.
-                _weight_row(weights[t, 0], fy_t, fx_t, m, has_mask, one, 0)
-                _weight_row(weights[t, 1], fy_t, fx_t, m, has_mask, one, 1)
-                _weight_row(weights[t, 2], fy_t, fx_t, m, has_mask, one, 2)
-                _weight_row(weights[t, 3], fy_t, fx_t, m, has_mask, one, 3)
-            if for_backward:
-                inside_y, inside_x = inside[t, 0], inside[t, 1]
-                for i in range(span):
-                    _, _, flows = axis_geometry(dy[i] + by[i], low, h)
-                    inside_y[i] = one if flows else zero
-                for i in range(span):
-                    _, _, flows = axis_geometry(dx[i] + bx[i], low, w)
-                    inside_x[i] = one if flows else zero
+                _, _, flows = axis_geometry(dx[i] + bx[i], low, w)
+                inside_x[i] = one if flows else zero
 
 
 @numba.njit(inline='always')
@@ -164,16 +165,16 @@ def gather(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
     image_size = plane[0].size
     row_size = plane_w * c
     corner, frac_y, frac_x, weights, inside = _span_buffers(
-        n_groups * n_taps, plane, index_like, False)
+        n_taps, plane, index_like, False)
     sample, stop = first_row * out_w, stop_row * out_w
     while sample < stop:
         b, first, last = _span(sample, stop, per_image)
-        _span_geometry(offset, mask, has_mask, base_y, base_x, kw, constants,
-                       b, first, last, plane_w, c, corner, frac_y, frac_x,
-                       weights, inside, False)
-        # A run of channels at a time, in its offset group: the taps' loop
-        # then holds nothing else (and LLVM hoists nothing into it).
         for g in range(n_groups):
+            _span_geometry(offset, mask, has_mask, base_y, base_x, kw,
+                           constants, b, g, first, last, plane_w, c, corner,
+                           frac_y, frac_x, weights, inside, False)
+            # A run of channels at a time: the taps' loop then holds
+            # nothing else (and LLVM hoists nothing into it).
             for s in range(segments.shape[1]):
                 start, end = segments[g, s, 0], segments[g, s, 1]
                 shift = segments[g, s, 2] + start
@@ -181,12 +182,11 @@ def gather(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
                     row = ((sample + i - first_row * out_w)
                            * columns.shape[1] + shift)
                     for k in range(n_taps):
-                        t = g * n_taps + k
                         _simd.blend(columns, row + k * group_width, plane,
-                                    b * image_size + corner[t, i] + start, c,
-                                    row_size, end - start, weights[t, 0, i],
-                                    weights[t, 1, i], weights[t, 2, i],
-                                    weights[t, 3, i])
+                                    b * image_size + corner[k, i] + start, c,
+                                    row_size, end - start, weights[k, 0, i],
+                                    weights[k, 1, i], weights[k, 2, i],
+                                    weights[k, 3, i])
         sample += last - first
 
 
@@ -221,18 +221,19 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
     one = constants[1]
     zero = constants[0] + one
     corner, frac_y, frac_x, weights, inside = _span_buffers(
-        n_groups * n_taps, plane, index_like, True)
-    # Each tap's four sums of a span (over all of its offset group's runs).
-    sums = numpy.empty((n_groups * n_taps, SPAN, 4), plane.dtype)
+        n_taps, plane, index_like, True)
+    # Each of a group's taps' four sums over a span (over all of the group's
+    # runs).
+    sums = numpy.empty((n_taps, SPAN, 4), plane.dtype)
     sample, stop = first_row * out_w, stop_row * out_w
     while sample < stop:
         b, first, last = _span(sample, stop, per_image)
         span = last - first
-        _span_geometry(offset, mask, has_mask, base_y, base_x, kw, constants,
-                       b, first, last, plane_w, c, corner, frac_y, frac_x,
-                       weights, inside, True)
         with_sums = offset_grad or has_mask
         for g in range(n_groups):
+            _span_geometry(offset, mask, has_mask, base_y, base_x, kw,
+                           constants, b, g, first, last, plane_w, c, corner,
+                           frac_y, frac_x, weights, inside, True)
             for s in range(segments.shape[1]):
                 start, end = segments[g, s, 0], segments[g, s, 1]
                 shift = segments[g, s, 2] + start
@@ -240,46 +241,43 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
                     row = ((sample + i - first_row * out_w)
                            * columns.shape[1] + shift)
                     for k in range(n_taps):
-                        t = g * n_taps + k
                         m = mask[b, g, k, first + i] if has_mask else one
                         w00, w01, w10, w11 = _bilinear_weights(
-                            frac_y[t, i], frac_x[t, i], m, one)
+                            frac_y[k, i], frac_x[k, i], m, one)
                         # Samples with no corner in the image (NaN ones
                         # too) scatter nothing.
-                        scatter = inside[t, 0, i] * inside[t, 1, i] > zero
+                        scatter = inside[k, 0, i] * inside[k, 1, i] > zero
                         s00, s01, s10, s11 = _simd.tap_backward(
                             plane, grad_plane,
-                            b * image_size + corner[t, i] + start, c,
+                            b * image_size + corner[k, i] + start, c,
                             row_size, end - start, columns, grad_columns,
                             row + k * group_width, w00, w01, w10, w11,
                             with_sums, scatter)
                         if s > 0:
-                            s00 += sums[t, i, 0]
-                            s01 += sums[t, i, 1]
-                            s10 += sums[t, i, 2]
-                            s11 += sums[t, i, 3]
-                        sums[t, i, 0] = s00
-                        sums[t, i, 1] = s01
-                        sums[t, i, 2] = s10
-                        sums[t, i, 3] = s11
-        # The gradients from the sums. Multiplying (not branching) keeps
-        # NaN from a NaN fraction.
-        for g in range(n_groups):
+                            s00 += sums[k, i, 0]
+                            s01 += sums[k, i, 1]
+                            s10 += sums[k, i, 2]
+                            s11 += sums[k, i, 3]
+                        sums[k, i, 0] = s00
+                        sums[k, i, 1] = s01
+                        sums[k, i, 2] = s10
+                        sums[k, i, 3] = s11
+            # The group's gradients from its sums. Multiplying (not
+            # branching) keeps NaN from a NaN fraction.
             for k in range(n_taps):
-                t = g * n_taps + k
                 for i in range(span if with_sums else 0):
-                    fy, fx = frac_y[t, i], frac_x[t, i]
-                    s00, s01 = sums[t, i, 0], sums[t, i, 1]
-                    s10, s11 = sums[t, i, 2], sums[t, i, 3]
+                    fy, fx = frac_y[k, i], frac_x[k, i]
+                    s00, s01 = sums[k, i, 0], sums[k, i, 1]
+                    s10, s11 = sums[k, i, 2], sums[k, i, 3]
                     m = mask[b, g, k, first + i] if has_mask else one
                     if offset_grad:
                         ey, ex = one - fy, one - fx
                         grad_offset[b, g, 1, k, first + i] = (
                             (ex * (s10 - s00) + fx * (s11 - s01))
-                            * inside[t, 0, i] * m)
+                            * inside[k, 0, i] * m)
                         grad_offset[b, g, 0, k, first + i] = (
                             (ey * (s01 - s00) + fy * (s11 - s10))
-                            * inside[t, 1, i] * m)
+                            * inside[k, 1, i] * m)
                     if has_mask:
                         u00, u01, u10, u11 = _bilinear_weights(fy, fx, one,
                                                                one)
