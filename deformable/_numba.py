@@ -225,11 +225,11 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
     # Each of a group's taps' four sums over a span (over all of the group's
     # runs).
     sums = numpy.empty((n_taps, SPAN, 4), plane.dtype)
+    with_sums = offset_grad or has_mask
     sample, stop = first_row * out_w, stop_row * out_w
     while sample < stop:
         b, first, last = _span(sample, stop, per_image)
         span = last - first
-        with_sums = offset_grad or has_mask
         for g in range(n_groups):
             _span_geometry(offset, mask, has_mask, base_y, base_x, kw,
                            constants, b, g, first, last, plane_w, c, corner,
