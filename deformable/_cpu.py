@@ -1,9 +1,13 @@
 """CPU implementation of deformable-convolution sampling.
 
-Layout. The input is copied once into a zero-bordered, channels-last plane
-``(n, h + 2, w + 2, c)``: each bilinear corner of a sample is one
+Layout. The input is copied into a zero-bordered, channels-last plane
+``(images, h + 2, w + 2, c)``: each bilinear corner of a sample is one
 contiguous run of channels, and corners outside the image land on the zero
-border instead of needing a branch. A block's columns are ``(P, groups * K
+border instead of needing a branch. Each thread copies the images it works
+on into a plane of its own, reused from one group of images to the next
+(the forward and the backward each copy them: a plane of the whole batch
+would cost as much memory as the input, and its gradient's as much again;
+these stay in the core's cache). A block's columns are ``(P, groups * K
 * c_group)`` (``P`` samples), ordered (convolution group, tap, channel), so
 that each convolution group is one contiguous block of a row and the whole
 block is one matrix product per group, against the weight as ``(K *
@@ -189,6 +193,7 @@ class Problem(object):
         self.sample_base_y = numpy.repeat(self.base_y, self.out_w, axis=1)
         self.sample_base_x = numpy.tile(self.base_x, (1, self.out_h))
         self.segments = self._segments()
+        self.plane_shape = (self.n, self.h + 2, self.w + 2, self.c)
         self.n_columns = self.n_taps * self.c
         # -1, 1, h and w in the compute dtype, for the compiled loops.
         self.constants = numpy.array([-1, 1, self.h, self.w], dtype)
@@ -317,10 +322,9 @@ def _grouped_dot(problem, a, weight, out, transposed=False):
 class _Inputs(object):
     """A call's arrays in the loops' layouts, and its loops."""
 
-    def __init__(self, plane, offset, W, mask, problem):
+    def __init__(self, offset, W, mask, problem):
         self.kernels = compiled_kernels()
         self.problem = problem
-        self.plane = plane
         self.offset = _offset6(offset, problem)
         self.has_mask = mask is not None
         self.mask = _mask_or_dummy(mask, problem)
@@ -338,6 +342,18 @@ class _Inputs(object):
         _, first, stop = block
         return (stop - first) * self.problem.out_w, self.problem.n_columns
 
+    def plane(self, images, x=None):
+        """This thread's bordered plane of ``images``: of ``x``, else
+        zeros."""
+        shape = (images.stop - images.start,) + self.problem.plane_shape[1:]
+        plane = self.buffers.get('plane' if x is not None else 'zeros', shape,
+                                 self.problem.dtype)
+        if x is None:
+            plane[...] = 0
+        else:
+            fill_plane(plane, x[images])
+        return plane
+
     def columns(self, block, name='columns'):
         """This thread's reusable columns for a block."""
         return self.buffers.get(name, self.columns_shape(block),
@@ -350,19 +366,20 @@ class _Inputs(object):
             self.offset[images], self.mask[images] if self.has_mask else None,
             self.problem)
 
-    def gather(self, block, columns):
-        """The block's columns; for the NumPy loops, also its geometry."""
+    def gather(self, block, plane, columns):
+        """The block's columns from ``plane``, its images' bordered plane;
+        for the NumPy loops, also its geometry."""
         images, first, stop = block
         problem = self.problem
         if self.kernels is not None:
             self.kernels.gather(
-                self.plane[images], self.offset[images], self.mask[images],
+                plane, self.offset[images], self.mask[images],
                 self.has_mask, problem.sample_base_y, problem.sample_base_x,
                 problem.kw, problem.constants, problem.index_like,
                 problem.segments, problem.group_width, first, stop, columns)
             return None
         geometry = self.geometry(block)
-        _numpy_gather(self.plane[images], geometry, problem, columns)
+        _numpy_gather(plane, geometry, problem, columns)
         return geometry
 
 
@@ -372,24 +389,22 @@ def _key(block):
 
 
 def forward(x, offset, W, b, mask, problem):
-    """Output ``(n, out_c, out_h, out_w)`` and what the backward can reuse:
-    the plane and, from the NumPy loops, the columns by block (see the
-    module's docstring)."""
-    plane = numpy.empty((problem.n, problem.h + 2, problem.w + 2, problem.c),
-                        problem.dtype)
-    inputs = _Inputs(plane, offset, W, mask, problem)
+    """Output ``(n, out_c, out_h, out_w)`` and, from the NumPy loops, the
+    columns by block for the backward (else None; see the module's
+    docstring)."""
+    inputs = _Inputs(offset, W, mask, problem)
     y = numpy.empty((problem.n, problem.out_c, problem.out_h, problem.out_w),
                     problem.dtype)
     bias = None if b is None else b.astype(problem.dtype)[:, None, None]
     kept = None if inputs.kernels is not None else {}
 
-    def run(block):
+    def run(block, plane):
         if kept is None:
             columns = inputs.columns(block)
         else:
             columns = kept[_key(block)] = numpy.empty(
                 inputs.columns_shape(block), problem.dtype)
-        inputs.gather(block, columns)
+        inputs.gather(block, plane, columns)
         product = inputs.buffers.get(
             'product', (columns.shape[0], problem.out_c), problem.dtype)
         _grouped_dot(problem, columns, inputs.weight, product)
@@ -403,32 +418,32 @@ def forward(x, offset, W, b, mask, problem):
             numpy.add(product, bias, out=out)
 
     def run_images(images):
-        fill_plane(plane[images], x[images])
+        plane = inputs.plane(images, x)
         for block in inputs.blocks(images):
-            run(block)
+            run(block, plane)
 
     image_groups = problem.image_groups(inputs.chunk_bytes)
     threaded = inputs.kernels is not None
     if len(image_groups) >= n_workers() or not threaded:
-        # Each thread copies its own images into the plane.
+        # Each thread copies its own images into its plane.
         _run(run_images, image_groups, threaded)
     else:
-        # Few, big images: their rows in parallel.
-        fill_plane(plane, x)
-        _run(run, [block for images in image_groups
-                   for block in inputs.blocks(images)], threaded)
-    return y, {'plane': plane, 'columns': kept}
+        # Few, big images: their rows in parallel, from one plane.
+        plane = bordered_plane(x, problem.dtype)
+        _run(lambda block: run(block, plane[block[0]]),
+             [block for images in image_groups
+              for block in inputs.blocks(images)], threaded)
+    return y, kept
 
 
-def backward(plane, offset, W, gy, mask, problem, offset_grad=True,
+def backward(x, offset, W, gy, mask, problem, offset_grad=True,
              columns=None):
     """Gradients w.r.t. ``x``, ``offset``, ``W`` and ``mask`` (or None);
     without ``offset_grad``, the offset's is left zero. ``columns``: the
     forward's, by block, if it kept them."""
     kept = columns
-    inputs = _Inputs(plane, offset, W, mask, problem)
+    inputs = _Inputs(offset, W, mask, problem)
     dtype = problem.dtype
-    grad_plane = numpy.zeros_like(plane)
     gx = numpy.empty((problem.n, problem.c, problem.h, problem.w), dtype)
     grad_offset = (numpy.empty if offset_grad else numpy.zeros)(
         inputs.offset.shape, dtype)
@@ -443,6 +458,8 @@ def backward(plane, offset, W, gy, mask, problem, offset_grad=True,
         grad_weight = numpy.zeros(inputs.weight.shape, dtype)
         product = inputs.buffers.get('product', inputs.weight.shape[1:],
                                      dtype)
+        plane = inputs.plane(images, x)
+        grad_plane = inputs.plane(images)
         # An image's blocks in one thread: they scatter into its plane.
         for block in inputs.blocks(images):
             _, first, stop = block
@@ -463,19 +480,19 @@ def backward(plane, offset, W, gy, mask, problem, offset_grad=True,
             if inputs.kernels is not None:
                 # Also gathers the columns, from the corners it loads.
                 inputs.kernels.backward(
-                    plane[images], inputs.offset[images],
+                    plane, inputs.offset[images],
                     inputs.mask[images], inputs.has_mask,
                     problem.sample_base_y, problem.sample_base_x, problem.kw,
                     problem.constants, problem.index_like, problem.segments,
                     problem.group_width,
                     first, stop, offset_grad, columns, grad_columns,
-                    grad_plane[images], grad_offset[images],
+                    grad_plane, grad_offset[images],
                     grad_mask[images])
             else:
-                geometry = (inputs.gather(block, columns) if gathered
+                geometry = (inputs.gather(block, plane, columns) if gathered
                             else inputs.geometry(block))
-                _numpy_backward(plane[images], geometry, problem,
-                                grad_columns, grad_plane[images],
+                _numpy_backward(plane, geometry, problem,
+                                grad_columns, grad_plane,
                                 grad_offset[images] if offset_grad else None,
                                 grad_mask[images] if inputs.has_mask
                                 else None)
@@ -484,7 +501,7 @@ def backward(plane, offset, W, gy, mask, problem, offset_grad=True,
                           out=product)
                 grad_weight[j] += product
         grad_weights[index] = grad_weight
-        gx[images] = grad_plane[images, 1:-1, 1:-1].transpose(0, 3, 1, 2)
+        gx[images] = grad_plane[:, 1:-1, 1:-1].transpose(0, 3, 1, 2)
 
     _run(run, list(range(len(image_groups))), inputs.kernels is not None)
     grad_weight = grad_weights[0]

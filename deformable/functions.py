@@ -165,7 +165,8 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
         stride, pad, dilate, groups = self._geometry_params
         problem = _cpu.Problem(x.shape, offset.shape, W.shape, stride, pad,
                                dilate, groups, _compute_dtype(x.dtype))
-        y, self._saved = _cpu.forward(x, offset, W, b, mask, problem)
+        y, columns = _cpu.forward(x, offset, W, b, mask, problem)
+        self._saved = {'columns': columns}
         return y.astype(x.dtype, copy=False),
 
     def forward_gpu(self, inputs):
@@ -224,15 +225,13 @@ class DeformableConvolution2DSamplerGrad(function_node.FunctionNode):
     itself: double backward through bilinear sampling is not implemented.
     """
 
-    def __init__(self, geometry_params, offset_grad=True, columns=None,
-                 plane=None):
+    def __init__(self, geometry_params, offset_grad=True, columns=None):
         # offset_grad: False leaves the offset's gradient zero (on the CPU).
-        # columns (the GPU's array, the CPU's by block) and plane (CPU): the
+        # columns (the GPU's array, the CPU's by block, or None): the
         # forward's, to save recomputing them.
         self.stride, self.pad, self.dilate, self.groups = geometry_params
         self.offset_grad = offset_grad
         self._columns = columns
-        self._plane = plane
 
     def forward_cpu(self, inputs):
         x, offset, W, gy = inputs[:4]
@@ -240,10 +239,7 @@ class DeformableConvolution2DSamplerGrad(function_node.FunctionNode):
         problem = _cpu.Problem(x.shape, offset.shape, W.shape, self.stride,
                                self.pad, self.dilate, self.groups,
                                _compute_dtype(x.dtype))
-        plane = self._plane
-        if plane is None:
-            plane = _cpu.bordered_plane(x, problem.dtype)
-        grads = _cpu.backward(plane, offset, W, gy, mask, problem,
+        grads = _cpu.backward(x, offset, W, gy, mask, problem,
                               self.offset_grad, self._columns)
         if mask is None:
             grads = grads[:3]
