@@ -18,6 +18,8 @@ checked against ours, so the two compute the same thing.
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import functools
 import os
 import platform
@@ -208,6 +210,25 @@ def check_against_torchvision(torchvision, arrays, params, label):
                          'offset conversion'.format(label))
 
 
+def keep_freed_memory():
+    """Keeps glibc's malloc from handing freed memory back to the system.
+
+    Otherwise, when the arrays of a step are freed, the top of the heap is
+    often trimmed, and whichever step comes next faults its pages in again
+    (thousands of page faults, milliseconds of system time): a cost that
+    falls on one implementation or another by chance. Arrays up to 32 MiB
+    (glibc's largest threshold) then come from the heap, larger ones are
+    mapped as before. Returns whether it took effect (glibc only).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library('c')).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 * 2 ** 20)
+                and mallopt(m_trim_threshold, 2 ** 31 - 1))
+
+
 def median_times(steps, repeats):
     """Round-robin timing: each repeat runs every step once, in turn."""
     for step in steps.values():
@@ -390,6 +411,7 @@ def main():
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error('--repeats must be at least 1')
+    heap = 'freed memory kept' if keep_freed_memory() else 'malloc as is'
 
     if args.gpu >= 0:
         try:
@@ -410,10 +432,11 @@ def main():
         def synchronize():
             pass
         loops = 'NumPy' if _cpu.compiled_kernels() is None else 'Numba'
-        device = '{} CPU cores, {}, {} loops, OPENBLAS_THREAD_TIMEOUT={}'
+        device = ('{} CPU cores, {}, {} loops, OPENBLAS_THREAD_TIMEOUT={}, '
+                  '{}')
         device = device.format(os.cpu_count(), platform.processor() or
                                'x86_64', loops,
-                               os.environ['OPENBLAS_THREAD_TIMEOUT'])
+                               os.environ['OPENBLAS_THREAD_TIMEOUT'], heap)
     print('# {} mode, float32, {}; chainer {}, numpy {}; {} repeats, '
           'medians'.format(args.mode, device, chainer.__version__,
                            numpy.__version__, args.repeats))
