@@ -61,9 +61,10 @@ INT32_PLANE_LIMIT = 2 ** 31 - 1
 
 # Columns per block, in bytes.
 CHUNK_BYTES = 2 ** 20
-
-CACHE_LINE = 64
 NUMPY_CHUNK_BYTES = 8 * 2 ** 20
+
+# Bytes; the threads' buffers start on one (see _aligned_empty).
+CACHE_LINE = 64
 
 
 def compiled_kernels():
@@ -206,7 +207,8 @@ class Problem(object):
         self.sample_base_y = numpy.repeat(self.base_y, self.out_w, axis=1)
         self.sample_base_x = numpy.tile(self.base_x, (1, self.out_h))
         self.segments = self._segments()
-        self.plane_shape = (self.n, self.h + 2, self.w + 2, self.c)
+        # One image's bordered, channels-last plane.
+        self.image_plane_shape = (self.h + 2, self.w + 2, self.c)
         self.n_columns = self.n_taps * self.c
         # -1, 1, h and w in the compute dtype, for the compiled loops.
         self.constants = numpy.array([-1, 1, self.h, self.w], dtype)
@@ -358,7 +360,8 @@ class _Inputs(object):
     def plane(self, images, x=None):
         """This thread's bordered plane of ``images``: of ``x``, else
         zeros."""
-        shape = (images.stop - images.start,) + self.problem.plane_shape[1:]
+        shape = ((images.stop - images.start,)
+                 + self.problem.image_plane_shape)
         plane = self.buffers.get('plane' if x is not None else 'zeros', shape,
                                  self.problem.dtype)
         if x is None:
