@@ -247,40 +247,48 @@ def backward(plane, offset, mask, has_mask, base_y, base_x, kw, constants,
                         # Samples with no corner in the image (NaN ones
                         # too) scatter nothing.
                         scatter = inside[k, 0, i] * inside[k, 1, i] > zero
-                        s00, s01, s10, s11 = _simd.tap_backward(
+                        _simd.tap_backward(
                             plane, grad_plane,
                             b * image_size + corner[k, i] + start, c,
                             row_size, end - start, columns, grad_columns,
                             row + k * group_width, w00, w01, w10, w11,
-                            with_sums, scatter)
-                        if s > 0:
-                            s00 += sums[k, i, 0]
-                            s01 += sums[k, i, 1]
-                            s10 += sums[k, i, 2]
-                            s11 += sums[k, i, 3]
-                        sums[k, i, 0] = s00
-                        sums[k, i, 1] = s01
-                        sums[k, i, 2] = s10
-                        sums[k, i, 3] = s11
-            # The group's gradients from its sums. Multiplying (not
-            # branching) keeps NaN from a NaN fraction.
-            for k in range(n_taps):
-                for i in range(span if with_sums else 0):
-                    fy, fx = frac_y[k, i], frac_x[k, i]
-                    s00, s01 = sums[k, i, 0], sums[k, i, 1]
-                    s10, s11 = sums[k, i, 2], sums[k, i, 3]
-                    m = mask[b, g, k, first + i] if has_mask else one
-                    if offset_grad:
-                        ey, ex = one - fy, one - fx
-                        grad_offset[b, g, 1, k, first + i] = (
-                            (ex * (s10 - s00) + fx * (s11 - s01))
-                            * inside[k, 0, i] * m)
-                        grad_offset[b, g, 0, k, first + i] = (
-                            (ey * (s01 - s00) + fy * (s11 - s10))
-                            * inside[k, 1, i] * m)
-                    if has_mask:
-                        u00, u01, u10, u11 = _bilinear_weights(fy, fx, one,
-                                                               one)
-                        grad_mask[b, g, k, first + i] = (
-                            u00 * s00 + u01 * s01 + u10 * s10 + u11 * s11)
+                            with_sums, scatter, sums, (k * SPAN + i) * 4,
+                            s > 0)
+            # The group's gradients from its sums. (Without a mask, its
+            # placeholder's row stands in, unread.)
+            for k in range(n_taps if with_sums else 0):
+                _gradients_from_sums(
+                    sums[k], frac_y[k], frac_x[k], inside[k, 0], inside[k, 1],
+                    mask[b, g, k, first:last] if has_mask else mask[b, 0, 0],
+                    has_mask, offset_grad,
+                    grad_offset[b, g, 1, k, first:last],
+                    grad_offset[b, g, 0, k, first:last],
+                    grad_mask[b, g, k, first:last] if has_mask
+                    else grad_mask[b, 0, 0], span, one)
         sample += span
+
+
+@numba.njit(inline='always')
+def _gradients_from_sums(sums, frac_y, frac_x, inside_y, inside_x, mask,
+                         has_mask, offset_grad, grad_y, grad_x, grad_mask,
+                         span, one):
+    """One tap's offset and mask gradients over a span, from its sums
+    ``(SPAN, 4)``, a loop per output (each of a few rows: LLVM vectorizes
+    them). Multiplying (not branching) keeps NaN from a NaN fraction."""
+    if offset_grad:
+        for i in range(span):
+            m = mask[i] if has_mask else one
+            grad_y[i] = ((one - frac_x[i]) * (sums[i, 2] - sums[i, 0])
+                         + frac_x[i] * (sums[i, 3] - sums[i, 1])) \
+                * inside_y[i] * m
+        for i in range(span):
+            m = mask[i] if has_mask else one
+            grad_x[i] = ((one - frac_y[i]) * (sums[i, 1] - sums[i, 0])
+                         + frac_y[i] * (sums[i, 3] - sums[i, 2])) \
+                * inside_x[i] * m
+    if has_mask:
+        for i in range(span):
+            u00, u01, u10, u11 = _bilinear_weights(frac_y[i], frac_x[i], one,
+                                                   one)
+            grad_mask[i] = (u00 * sums[i, 0] + u01 * sums[i, 1]
+                            + u10 * sums[i, 2] + u11 * sums[i, 3])

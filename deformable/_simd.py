@@ -195,13 +195,15 @@ def _indices(values):
 @intrinsic
 def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
                  columns, grad_columns, at, w00, w01, w10, w11, dots,
-                 scatter):
+                 scatter, sums, sums_at, accumulate):
     """A tap's share of the backward, with its corners loaded once.
 
     For ``j < count``: writes :func:`blend`'s ``columns[at + j]`` (the
-    weight's gradient needs the columns again); if ``dots``, returns ``(s00,
-    s01, s10, s11)``, ``s = sum_j grad_columns[at + j] source[corner + step
-    + j]`` for each corner's step (else zeros); if ``scatter``, adds ``w
+    weight's gradient needs the columns again); if ``dots``, writes ``(s00,
+    s01, s10, s11)`` to ``sums[sums_at:sums_at + 4]`` (adds them, if
+    ``accumulate``), ``s = sum_j grad_columns[at + j] source[corner + step
+    + j]`` for each corner's step (one vector store: four scalar ones cost
+    a tap of 8 channels more than its dots); if ``scatter``, adds ``w
     grad_columns[at + j]`` to ``target[corner + step + j]`` for each
     corner's step and weight. The corners must not overlap (their steps at
     least ``count`` apart).
@@ -210,34 +212,35 @@ def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
     vector go to the first lane), added up at the end by
     :func:`_sum_lanes`: the same order on every run.
     """
-    if not _contiguous_alike(source, target, columns, grad_columns):
+    if not _contiguous_alike(source, target, columns, grad_columns, sums):
         return None
     dtype = source.dtype
-    signature = types.UniTuple(dtype, 4)(
+    signature = types.void(
         source, target, types.intp, types.intp, types.intp, types.intp,
         columns, grad_columns, types.intp, dtype, dtype, dtype, dtype,
-        types.boolean, types.boolean)
+        types.boolean, types.boolean, sums, types.intp, types.boolean)
 
     def codegen(context, builder, sig, args):
         (source_, target_, corner_, step_x_, step_y_, count_, columns_,
          grad_columns_, at_) = args[:9]
         weights = args[9:13]
-        dots_, scatter_ = args[13:]
+        dots_, scatter_, sums_, sums_at_, accumulate_ = args[13:]
         source_base = _pointer(context, builder, sig.args[0], source_)
         target_base = _pointer(context, builder, sig.args[1], target_)
         columns_base = _pointer(context, builder, sig.args[6], columns_)
         grad_base = _pointer(context, builder, sig.args[7], grad_columns_)
+        sums_base = _pointer(context, builder, sig.args[15], sums_)
         steps = _corner_steps(builder, step_x_, step_y_)
         element = context.get_value_type(dtype)
         lanes = _lanes(dtype)
         # A vector of sums per corner; the channels after the last whole
         # vector add to its first lane.
         vector = ir.VectorType(element, lanes)
-        sums = [cgutils.alloca_once_value(builder, ir.Constant(vector, None))
-                for _ in range(4)]
+        lane_sums = [cgutils.alloca_once_value(
+            builder, ir.Constant(vector, None)) for _ in range(4)]
         first_lane = ir.Constant(ir.IntType(32), 0)
 
-        def accumulate(slot, product, access, exact):
+        def add_to(slot, product, access, exact):
             if exact:
                 builder.store(product, slot)
             elif access.lanes > 1:
@@ -258,8 +261,8 @@ def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
             gradient = access.load(grad_base, position)
             for q, (where, weight) in enumerate(zip(wheres, weights)):
                 if with_dots:
-                    accumulate(sums[q], builder.fmul(gradient, corners[q]),
-                               access, exact)
+                    add_to(lane_sums[q], builder.fmul(gradient, corners[q]),
+                           access, exact)
                 if with_scatter:
                     access.store(builder.fadd(
                         access.load(target_base, where),
@@ -279,8 +282,15 @@ def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
                                         access, j, exact, has_dots,
                                         has_scatter))
 
-        totals = _sum_lanes(builder, [builder.load(slot) for slot in sums])
-        results = [builder.extract_element(totals, ir.Constant(
-            ir.IntType(32), q)) for q in range(4)]
-        return context.make_tuple(builder, sig.return_type, results)
+        with builder.if_then(dots_):
+            totals = _sum_lanes(builder, [builder.load(slot)
+                                          for slot in lane_sums])
+            out = _Access(builder, 4, dtype.bitwidth // 8)
+            with builder.if_else(accumulate_) as (add, store):
+                with add:
+                    out.store(builder.fadd(out.load(sums_base, sums_at_),
+                                           totals), sums_base, sums_at_)
+                with store:
+                    out.store(totals, sums_base, sums_at_)
+        return context.get_dummy_value()
     return signature, codegen

@@ -31,13 +31,29 @@ def call_blend(out, at, source, corner, count, weights):
                 weights[1], weights[2], weights[3])
 
 
+# Where tap_backward's four sums go in its array of them.
+SUMS_AT = 4
+
+
 @numba.njit
 def call_tap_backward(source, target, count, columns, grad_columns,
-                      weights, dots, scatter):
-    return _simd.tap_backward(
+                      weights, dots, scatter, sums, accumulate):
+    _simd.tap_backward(
         source, target, CORNER, STEP_X, STEP_Y, count, columns,
         grad_columns, AT, weights[0], weights[1], weights[2], weights[3],
-        dots, scatter)
+        dots, scatter, sums, SUMS_AT, accumulate)
+
+
+def tap_sums(source, target, count, columns, grad_columns, weights,
+             dots=True, scatter=False, before=0, accumulate=False):
+    """The sums tap_backward leaves (from ``before``), checking that it
+    writes nothing else of their array."""
+    sums = numpy.full(12, before, source.dtype)
+    call_tap_backward(source, target, count, columns, grad_columns, weights,
+                      dots, scatter, sums, accumulate)
+    assert (sums[:SUMS_AT] == before).all()
+    assert (sums[SUMS_AT + 4:] == before).all()
+    return sums[SUMS_AT:SUMS_AT + 4]
 
 
 def arrays(count, dtype, seed=0):
@@ -77,12 +93,14 @@ def test_blend(count, dtype):
 @pytest.mark.parametrize('count', COUNTS)
 @pytest.mark.parametrize('dots', [False, True])
 @pytest.mark.parametrize('scatter', [False, True])
-def test_tap_backward(count, dtype, dots, scatter):
+@pytest.mark.parametrize('accumulate', [False, True])
+def test_tap_backward(count, dtype, dots, scatter, accumulate):
     source, weights, grad_columns = arrays(count, dtype)
     target = numpy.zeros_like(source)
     columns = numpy.full_like(grad_columns, 7)
-    sums = call_tap_backward(source, target, count, columns, grad_columns,
-                             weights, dots, scatter)
+    before = 0.25
+    sums = tap_sums(source, target, count, columns, grad_columns, weights,
+                    dots, scatter, before, accumulate)
 
     flat_columns = columns.reshape(-1)
     numpy.testing.assert_array_equal(flat_columns[AT:AT + count],
@@ -91,9 +109,11 @@ def test_tap_backward(count, dtype, dots, scatter):
     assert (flat_columns[AT + count:] == 7).all()
 
     gradient = grad_columns.reshape(-1)[AT:AT + count]
-    expected_sums = [numpy.dot(gradient.astype(numpy.float64),
-                               values.astype(numpy.float64)) if dots else 0
-                     for values in corners(source, count)]
+    expected_sums = [
+        (before if accumulate or not dots else 0)
+        + (numpy.dot(gradient.astype(numpy.float64),
+                     values.astype(numpy.float64)) if dots else 0)
+        for values in corners(source, count)]
     tolerance = 1e-5 if dtype == numpy.float32 else 1e-13
     numpy.testing.assert_allclose(sums, expected_sums, rtol=tolerance,
                                   atol=tolerance)
@@ -109,9 +129,9 @@ def test_tap_backward(count, dtype, dots, scatter):
 def test_dot_order_is_fixed():
     # The same inputs give the same bits, call after call.
     source, weights, grad_columns = arrays(33, numpy.float32)
-    results = {call_tap_backward(source, numpy.zeros_like(source), 33,
-                                 numpy.empty_like(grad_columns),
-                                 grad_columns, weights, True, False)
+    results = {tuple(tap_sums(source, numpy.zeros_like(source), 33,
+                              numpy.empty_like(grad_columns), grad_columns,
+                              weights))
                for _ in range(5)}
     assert len(results) == 1
 
