@@ -276,10 +276,10 @@ class Problem(object):
         return array[b:b + 1, :, oy:oy + stop - first]
 
 
-def bordered_plane(x, dtype):
-    """Channels-last copy of ``x`` with a zero border: ``(n, h+2, w+2, c)``."""
-    n, c, h, w = x.shape
-    plane = numpy.empty((n, h + 2, w + 2, c), dtype=dtype)
+def bordered_plane(x, problem):
+    """Channels-last copy of ``x`` with a zero border: ``(n,) +
+    problem.image_plane_shape``."""
+    plane = numpy.empty((len(x),) + problem.image_plane_shape, problem.dtype)
     fill_plane(plane, x)
     return plane
 
@@ -445,7 +445,7 @@ def forward(x, offset, W, b, mask, problem):
         _run(run_images, image_groups, threaded)
     else:
         # Few, big images: their rows in parallel, from one plane.
-        plane = bordered_plane(x, problem.dtype)
+        plane = bordered_plane(x, problem)
         _run(lambda block: run(block, plane[block[0]]),
              [block for images in image_groups
               for block in inputs.blocks(images)], threaded)

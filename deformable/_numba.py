@@ -86,7 +86,7 @@ def _span_geometry(offset, mask, has_mask, base_y, base_x, kw, constants, b,
             _weight_row(weights[k, 1], fy_t, fx_t, m, has_mask, one, 1)
             _weight_row(weights[k, 2], fy_t, fx_t, m, has_mask, one, 2)
             _weight_row(weights[k, 3], fy_t, fx_t, m, has_mask, one, 3)
-        if for_backward:
+        else:
             inside_y, inside_x = inside[k, 0], inside[k, 1]
             for i in range(span):
                 _, _, flows = axis_geometry(dy[i] + by[i], low, h)

@@ -57,8 +57,9 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
             raise ValueError('dilate must be positive, got {}'.format(dilate))
         if self.groups < 1:
             raise ValueError('groups must be positive, got {}'.format(groups))
-        # Forward results the gradient reuses; freed with this node.
-        self._saved = {}
+        # The forward's columns, which the gradient reuses (the GPU's array,
+        # the CPU's by block, or None); freed with this node.
+        self._columns = None
 
     @property
     def _with_bias(self):
@@ -165,8 +166,7 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
         stride, pad, dilate, groups = self._geometry_params
         problem = _cpu.Problem(x.shape, offset.shape, W.shape, stride, pad,
                                dilate, groups, _compute_dtype(x.dtype))
-        y, columns = _cpu.forward(x, offset, W, b, mask, problem)
-        self._saved = {'columns': columns}
+        y, self._columns = _cpu.forward(x, offset, W, b, mask, problem)
         return y.astype(x.dtype, copy=False),
 
     def forward_gpu(self, inputs):
@@ -193,7 +193,7 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
         if b is not None:
             y += b.astype(dtype, copy=False)[:, None]
         y = y.reshape(out_c, n, out_h, out_w).transpose(1, 0, 2, 3)
-        self._saved = {'columns': columns}
+        self._columns = columns
         return cuda.cupy.ascontiguousarray(y.astype(x.dtype, copy=False)),
 
     def backward(self, indexes, grad_outputs):
@@ -203,7 +203,8 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
         gy, = grad_outputs
         # Offsets that need no gradient (constants) spare the CPU its sums.
         grad_node = DeformableConvolution2DSamplerGrad(
-            self._geometry_params, offset_grad=1 in indexes, **self._saved)
+            self._geometry_params, offset_grad=1 in indexes,
+            columns=self._columns)
         grad_inputs = (x, offset, W, gy)
         if mask is not None:
             grad_inputs += (mask,)
