@@ -23,7 +23,6 @@ its ReLU) it draws, over scaled-MNIST test images:
 
 import argparse
 import os
-import pickle
 import sys
 import zipfile
 
@@ -36,6 +35,7 @@ import mnist_data
 from models import KINDS
 from models import kind_of
 import scaled_mnist
+import snapshots
 
 
 # Where trainer snapshots keep the predictor's parameters.
@@ -62,10 +62,12 @@ def load_model(path, deformable=None):
     if not os.path.isfile(path):
         raise SnapshotError('no such file: {}'.format(path))
     try:
-        with numpy.load(path) as npz:
+        snapshots.refuse_pickles(path)
+        with numpy.load(path, allow_pickle=False) as npz:
             shapes = {name: npz[name].shape for name in npz.files}
-    except (ValueError, OSError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as e:
+    except snapshots.UnsafeSnapshotError as e:
+        raise SnapshotError(str(e))
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
         raise SnapshotError('{} is not an .npz snapshot ({})'.format(path, e))
     if 'l1/W' in shapes:
         prefix = ''
@@ -88,7 +90,7 @@ def load_model(path, deformable=None):
             '{}'.format(path, kind.label, kind.flag))
     model = kind.model_class(10)
     try:
-        chainer.serializers.load_npz(path, model, path=prefix)
+        snapshots.load_npz(path, model, prefix=prefix)
     except (KeyError, ValueError) as e:
         raise SnapshotError('cannot load {}: {}'.format(path, e))
     return model

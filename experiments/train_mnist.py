@@ -36,6 +36,7 @@ import mnist_data
 from models import KINDS
 import plots
 import scaled_mnist
+import snapshots
 
 COMMUNICATORS = ('naive', 'pure_nccl')  # ChainerMN's, for --communicator
 
@@ -299,9 +300,11 @@ def resume(trainer, path, flags):
     anything of it is loaded.
     """
     try:
-        chainer.serializers.load_npz(
-            path, flags, path='extensions/{}/'.format(flags.name))
-        chainer.serializers.load_npz(path, trainer)
+        snapshots.load_npz(path, flags,
+                           prefix='extensions/{}/'.format(flags.name))
+        snapshots.load_npz(path, trainer)
+    except snapshots.UnsafeSnapshotError as e:
+        return 'cannot resume: {}.'.format(e)
     except FlagMismatch as e:
         return 'cannot resume from {}: {}; resume with the same ' \
             'flags.'.format(path, e)

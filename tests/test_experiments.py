@@ -707,6 +707,83 @@ def test_resume_refuses_and_leaves_the_run_as_it_was(
     assert _contents(run) == before
 
 
+class _Payload(object):
+    """Unpickling it creates ``path``: what a crafted snapshot could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, 'w')
+
+
+def _with_payload(snapshot, crafted, marker):
+    """``snapshot`` with its scalars (a trainer's) or its first layer's bias
+    (a model's) replaced by pickled :class:`_Payload`, written to
+    ``crafted``; returns the names replaced."""
+    with numpy.load(str(snapshot)) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    names = [name for name, a in arrays.items() if a.ndim == 0] or [
+        name for name in arrays if name.endswith('l1/b')]
+    payload = numpy.empty((), object)
+    payload[()] = _Payload(str(marker))
+    arrays.update((name, payload) for name in names)
+    numpy.savez(str(crafted), **arrays)
+    os.rename(str(crafted) + '.npz', str(crafted))
+    return names
+
+
+@pytest.mark.parametrize('script, snapshot, message', [
+    ('train_mnist.py', 'snapshot_deformable_2', 'cannot resume: '),
+    ('test_mnist.py', 'snapshot_deformable_2', 'error: '),
+    ('test_mnist.py', 'model_iter_2', 'error: '),
+])
+def test_snapshot_with_pickles_runs_nothing(trained, tmp_path, script,
+                                            snapshot, message):
+    _, env, out, _ = trained
+    run = tmp_path / 'run'
+    shutil.copytree(str(out / '1'), str(run))
+    marker = tmp_path / 'payload-ran'
+    names = _with_payload(run / snapshot, run / 'crafted', marker)
+    # Unpickling it with NumPy, as Chainer's load_npz would, runs it.
+    with numpy.load(str(run / 'crafted'), allow_pickle=True) as npz:
+        npz[names[0]]
+    assert marker.exists()
+    marker.unlink()
+    before = _contents(run)
+    result = _run([os.path.join(EXPERIMENTS, script), '--deformable', '1',
+                   '--batchsize', '50', '--train-size', '100', '--test-size',
+                   '40', '--epoch', '3', '--out', 'run', '--resume',
+                   'run/crafted'] if script == 'train_mnist.py' else
+                  [os.path.join(EXPERIMENTS, script), '--resume',
+                   'run/crafted', '--out', 'run/vis.png'],
+                  str(tmp_path), env, ok=False)
+    assert result.returncode != 0, result.stdout
+    assert message in result.stdout
+    assert 'holds pickled Python objects' in result.stdout
+    assert 'Traceback' not in result.stdout
+    assert not marker.exists()
+    assert _contents(run) == before
+
+
+def test_load_npz_refuses_pickles_before_reading(trained, tmp_path):
+    import snapshots
+    from models import KINDS
+    _, _, out, _ = trained
+    marker = tmp_path / 'payload-ran'
+    _with_payload(out / '1' / 'model_iter_2', tmp_path / 'crafted', marker)
+    model = KINDS[1].model_class(10)
+    before = model.l1.W.array.copy()
+    with pytest.raises(snapshots.UnsafeSnapshotError, match='l1/b'):
+        snapshots.load_npz(str(tmp_path / 'crafted'), model)
+    assert not marker.exists()
+    numpy.testing.assert_array_equal(model.l1.W.array, before)
+    # A snapshot as written is loaded, and holds no pickles.
+    snapshots.load_npz(str(out / '1' / 'model_iter_2'), model)
+    assert snapshots.pickled_members(
+        str(out / '1' / 'snapshot_deformable_2')) == []
+
+
 def test_train_gpu_without_cupy(trained):
     import chainer
     if chainer.backends.cuda.available:
