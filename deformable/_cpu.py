@@ -31,7 +31,7 @@ the gradients are the same, bit for bit, on every run. The pure-NumPy loops
 (without Numba) run blocks one after another, bigger ones, as their cost
 is Python's overhead per call.
 
-Both kinds of loops find where samples fall with ``deformable._geometry``.
+Both kinds of loops find where samples fall with ``deformable.geometry``.
 """
 
 import concurrent.futures
@@ -46,7 +46,7 @@ import numpy
 
 import chainer
 
-from deformable import _geometry
+from deformable import geometry
 
 
 # 'auto': compiled loops where Numba imports; 'never': pure NumPy; 'always':
@@ -199,9 +199,9 @@ class Problem(object):
         self.n_groups = offset_channels // (2 * self.n_taps)
         self.groups = groups
         self.dtype = dtype = numpy.dtype(dtype)
-        self.base_y = _geometry.tap_bases(
+        self.base_y = geometry.tap_bases(
             self.out_h, stride[0], pad[0], self.kh, dilate[0], dtype)
-        self.base_x = _geometry.tap_bases(
+        self.base_x = geometry.tap_bases(
             self.out_w, stride[1], pad[1], self.kw, dilate[1], dtype)
         # The same by sample (``oy * out_w + ox``), for the compiled loops.
         self.sample_base_y = numpy.repeat(self.base_y, self.out_w, axis=1)
@@ -567,8 +567,8 @@ class ChunkGeometry(object):
                  + base_y[:, None, :, None])
         pos_x = (offset[:, :, 0].transpose(1, 2, 0, 3, 4)
                  + base_x[:, None, None, :])
-        lower_y, fy, inside_y = _geometry.axis_geometry(pos_y, -1.0, h)
-        lower_x, fx, inside_x = _geometry.axis_geometry(pos_x, -1.0, w)
+        lower_y, fy, inside_y = geometry.axis_geometry(pos_y, -1.0, h)
+        lower_x, fx, inside_x = geometry.axis_geometry(pos_x, -1.0, w)
 
         plane_w = w + 2
         image_start = numpy.arange(n) * ((h + 2) * plane_w)

@@ -5,7 +5,7 @@ major, so a convolution group's rows are contiguous), and the weight matrix
 is ``(out_c, c / groups * K)``. Each thread handles one (offset group, tap,
 sample): it finds where the sample falls once and loops over the group's
 channels, and neighbouring threads touch neighbouring output pixels. The
-sampling rules are the CPU path's (see ``_geometry.axis_geometry``): positions
+sampling rules are the CPU path's (see ``geometry.axis_geometry``): positions
 clamped to ``[-1, size]``, floor capped at ``size - 1``, NaN kept in the
 fraction, forward difference at integers.
 

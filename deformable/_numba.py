@@ -8,7 +8,7 @@ for the weight's gradient, all from one load of each sample's corners.
 
 Both go through a block :data:`SPAN` samples at a time, and an offset
 group at a time. First :func:`_span_geometry` finds where the group's taps
-of those samples fall, with ``_geometry.axis_geometry`` (the function the
+of those samples fall, with ``geometry.axis_geometry`` (the function the
 NumPy path applies to arrays, compiled here for scalars) in loops over the
 samples that LLVM vectorizes. Then a run of the group's channels at a time
 (within one convolution group) goes over the samples and their taps: a
@@ -20,11 +20,11 @@ vector at a time.
 import numba
 import numpy
 
-from deformable import _geometry
+from deformable import geometry
 from deformable import _simd
 
 
-axis_geometry = numba.njit(inline='always')(_geometry.axis_geometry)
+axis_geometry = numba.njit(inline='always')(geometry.axis_geometry)
 
 # Samples whose geometry is computed at once: long enough loops to pay for
 # vectorizing them, short enough to stay in the core's cache.

@@ -11,12 +11,7 @@ from chainer.utils import conv
 from chainer.utils import type_check
 
 from deformable import _cpu
-
-
-def _pair(value):
-    if hasattr(value, '__getitem__'):
-        return tuple(int(v) for v in value)
-    return int(value), int(value)
+from deformable import arguments
 
 
 def _compute_dtype(dtype):
@@ -44,19 +39,11 @@ class DeformableConvolution2DSampler(function_node.FunctionNode):
     """
 
     def __init__(self, stride=1, pad=0, dilate=1, groups=1, with_mask=False):
-        self.sy, self.sx = _pair(stride)
-        self.ph, self.pw = _pair(pad)
-        self.dy, self.dx = _pair(dilate)
-        self.groups = int(groups)
+        self.sy, self.sx = arguments.int_pair(stride, 'stride', 1)
+        self.ph, self.pw = arguments.int_pair(pad, 'pad', 0)
+        self.dy, self.dx = arguments.int_pair(dilate, 'dilate', 1)
+        self.groups = arguments.positive_int(groups, 'groups')
         self.with_mask = bool(with_mask)
-        if min(self.sy, self.sx) < 1:
-            raise ValueError('stride must be positive, got {}'.format(stride))
-        if min(self.ph, self.pw) < 0:
-            raise ValueError('pad must be non-negative, got {}'.format(pad))
-        if min(self.dy, self.dx) < 1:
-            raise ValueError('dilate must be positive, got {}'.format(dilate))
-        if self.groups < 1:
-            raise ValueError('groups must be positive, got {}'.format(groups))
         # The forward's columns, which the gradient reuses (the GPU's array,
         # the CPU's by block, or None); freed with this node.
         self._columns = None

@@ -9,6 +9,7 @@ from chainer import link
 import chainer.functions
 import chainer.links
 
+from deformable import arguments
 from deformable import functions
 
 
@@ -33,11 +34,11 @@ class DeformableConvolution2DSampler(link.Link):
                  nobias=False, initialW=None, initial_bias=None, dilate=1,
                  groups=1):
         super(DeformableConvolution2DSampler, self).__init__()
-        self.ksize = functions._pair(ksize)
-        self.stride = functions._pair(stride)
-        self.pad = functions._pair(pad)
-        self.dilate = functions._pair(dilate)
-        self.groups = int(groups)
+        self.ksize = arguments.int_pair(ksize, 'ksize', 1)
+        self.stride = arguments.int_pair(stride, 'stride', 1)
+        self.pad = arguments.int_pair(pad, 'pad', 0)
+        self.dilate = arguments.int_pair(dilate, 'dilate', 1)
+        self.groups = arguments.positive_int(groups, 'groups')
         self.out_channels = out_channels
         with self.init_scope():
             self.W = chainer.Parameter(initializers._get_initializer(initialW))
@@ -123,10 +124,8 @@ class DeformableConvolution2D(link.Chain):
                  deform_initialW=None, deform_initial_bias=None, dilate=1,
                  groups=1, offset_groups=1, modulated=False):
         super(DeformableConvolution2D, self).__init__()
-        kh, kw = functions._pair(ksize)
-        if offset_groups < 1:
-            raise ValueError('offset_groups must be positive, got {}'.format(
-                offset_groups))
+        kh, kw = arguments.int_pair(ksize, 'ksize', 1)
+        offset_groups = arguments.positive_int(offset_groups, 'offset_groups')
         if in_channels is not None and in_channels % offset_groups:
             raise ValueError(
                 'offset_groups={} does not divide the {} input '
@@ -168,10 +167,11 @@ class DeformableConvolution2D(link.Chain):
             return conv(x)
         if conv.W.array is None:
             conv._initialize_params(x.shape[1])
-        kh, kw = functions._pair(conv.ksize)
-        (sy, sx), (ph, pw), (dy, dx) = (functions._pair(conv.stride),
-                                        functions._pair(conv.pad),
-                                        functions._pair(conv.dilate))
+        kh, kw = arguments.int_pair(conv.ksize, 'ksize', 1)
+        (sy, sx), (ph, pw), (dy, dx) = (
+            arguments.int_pair(conv.stride, 'stride', 1),
+            arguments.int_pair(conv.pad, 'pad', 0),
+            arguments.int_pair(conv.dilate, 'dilate', 1))
         n, _, h, w = x.shape
         out_h = chainer.utils.conv.get_conv_outsize(h, kh, sy, ph, d=dy)
         out_w = chainer.utils.conv.get_conv_outsize(w, kw, sx, pw, d=dx)

@@ -302,11 +302,11 @@ class TestGeneralBadInput(unittest.TestCase):
         self.check(r'in_types\[3\].ndim == 4', mask=self.mask[0])
 
     def test_dilation_and_groups_below_one(self):
-        with pytest.raises(ValueError, match='dilate must be positive'):
+        with pytest.raises(ValueError, match='dilate must be at least 1'):
             self.call(dilate=0)
-        with pytest.raises(ValueError, match='dilate must be positive'):
+        with pytest.raises(ValueError, match='dilate must be at least 1'):
             self.call(dilate=(1, -1))
-        with pytest.raises(ValueError, match='groups must be positive'):
+        with pytest.raises(ValueError, match='groups must be at least 1'):
             self.call(groups=0)
 
 

@@ -6,7 +6,7 @@ kernels (``_gpu.PREAMBLE``) mirror them line for line (the tests run those
 kernels on the CPU against the NumPy path).
 
 Tap ``k`` of output pixel ``(i, j)`` samples the input at
-``y = offset_y + tap_bases(...)[k // kw, i]`` and likewise ``x`` (see
+``y = offset_y + tap_grid(i, ...)[k // kw]`` and likewise ``x`` (see
 :func:`deformable.deformable_convolution_2d_sampler`); the input is
 extended by zeros, and :func:`axis_geometry` turns a coordinate into the
 bilinear corners and fraction.
@@ -15,17 +15,29 @@ bilinear corners and fraction.
 import numpy
 
 
-def tap_bases(out_size, stride, pad, ksize, dilate, dtype):
-    """The integer part of the sample coordinates along one axis.
+def tap_grid(out, stride, pad, ksize, dilate):
+    """Where the taps of outputs ``out`` fall along one axis, before their
+    offsets: ``grid[t, ...] = out * stride - pad + t * dilate``.
+
+    Args:
+        out: Output coordinates, an array or a scalar (fractional ones,
+            e.g. a pooled unit's centre, are allowed).
 
     Returns:
-        ``(ksize, out_size)`` array of ``dtype``: ``base[t, o] = o * stride
-        - pad + t * dilate``, exact; the sample of kernel tap ``t`` at output
-        ``o`` is at ``offset + base[t, o]`` (one rounding).
+        ``(ksize,) + shape(out)`` array; the sample of kernel tap ``t`` at
+        output ``out`` is at ``offset + grid[t]``.
     """
-    out = numpy.arange(out_size) * stride - pad
-    taps = numpy.arange(ksize) * dilate
-    return (taps[:, None] + out[None, :]).astype(dtype)
+    out = numpy.asarray(out)
+    taps = (numpy.arange(ksize) * dilate).reshape((-1,) + (1,) * out.ndim)
+    return taps + (out * stride - pad)
+
+
+def tap_bases(out_size, stride, pad, ksize, dilate, dtype):
+    """:func:`tap_grid` of the outputs ``0 .. out_size - 1``, in ``dtype``:
+    ``(ksize, out_size)``, exact (integers), so that the sample of tap ``t``
+    at output ``o`` is ``offset + base[t, o]`` with one rounding."""
+    return tap_grid(numpy.arange(out_size), stride, pad, ksize,
+                    dilate).astype(dtype)
 
 
 def axis_geometry(pos, low, size):
