@@ -15,6 +15,11 @@ checked against ours, so the two compute the same thing.
     python benchmarks/bench_sampler.py --mode features # DCNv2 features
     python benchmarks/bench_sampler.py --gpu 0         # op, GPU
     DEFORMABLE_USE_NUMBA=never python benchmarks/bench_sampler.py  # pure NumPy
+    python benchmarks/bench_sampler.py --baseline /tmp/before  # A/B
+
+``--baseline DIR`` times another copy of the package (``DIR/deformable``,
+e.g. a ``git worktree`` of an older commit) in the same rounds, as
+``baseline`` rows, and prints ours / baseline.
 """
 
 import argparse
@@ -38,8 +43,10 @@ import chainer
 import chainer.functions as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deformable  # NOQA
-from deformable import _cpu  # NOQA
+from deformable import backends  # NOQA
+import side_by_side  # NOQA
 
 
 # name: (batch, in_channels, out_channels, height, width, ksize, pad)
@@ -272,6 +279,10 @@ def bench_op(args, xp, synchronize):
         for backward in (False, True):
             steps = {name: make_step(f, arrays, pad, backward, synchronize)
                      for name, f in implementations}
+            if args.baseline is not None:
+                steps[BASELINE] = args.baseline.wrap(make_step(
+                    args.baseline.package.deformable_convolution_2d_sampler,
+                    arrays, pad, backward, synchronize))
             if reference is not None:
                 steps[TORCHVISION] = reference.step(backward)
             medians = median_times(steps, args.repeats)
@@ -284,6 +295,7 @@ def bench_op(args, xp, synchronize):
                              name, medians[name], medians[name] / floor,
                              memory if name == 'ours' else ''))
             print_rows(rows[-len(steps):], header=len(rows) <= len(steps))
+            print_against_baseline(medians, 'ours')
     return rows
 
 
@@ -336,6 +348,12 @@ def bench_features(args, xp, synchronize):
                 functools.partial(deformable.deformable_convolution_2d_sampler,
                                   **features),
                 arrays, params['pad'], backward, synchronize)
+            if args.baseline is not None:
+                theirs = (args.baseline.package
+                          .deformable_convolution_2d_sampler)
+                steps['{}, {}'.format(name, BASELINE)] = args.baseline.wrap(
+                    make_step(functools.partial(theirs, **features), arrays,
+                              params['pad'], backward, synchronize))
             if reference is not None:
                 steps['{}, torchvision'.format(name)] = reference.step(
                     backward)
@@ -345,6 +363,8 @@ def bench_features(args, xp, synchronize):
                          medians[name], medians[name] / medians['default'],
                          ''))
         print_rows(rows[-len(steps):], header=not backward)
+        for name, _, _, _ in cases:
+            print_against_baseline(medians, name)
     return rows
 
 
@@ -363,10 +383,20 @@ def bench_train(args, xp, synchronize):
     rng = numpy.random.RandomState(0)
     x = xp.asarray(rng.uniform(0, 1, (100, 1, 28, 28)), dtype=numpy.float32)
     t = xp.asarray(rng.randint(0, 10, 100), dtype=numpy.int32)
+    models = [('regular', Convnet), ('deformable', DeformableConvnet),
+              ('deformable, chainer built-in link', BuiltinDeformableConvnet)]
+    if args.baseline is not None:
+        baseline = args.baseline.package
+
+        class BaselineDeformableConvnet(Convnet):
+            """The deformable model with the baseline's link."""
+
+            def _conv(self, in_channels, out_channels):
+                return baseline.DeformableConvolution2D(
+                    in_channels, out_channels, 3, pad=1)
+        models.append(('deformable, ' + BASELINE, BaselineDeformableConvnet))
     steps = {}
-    for name, model_class in [
-            ('regular', Convnet), ('deformable', DeformableConvnet),
-            ('deformable, chainer built-in link', BuiltinDeformableConvnet)]:
+    for name, model_class in models:
         model = chainer.links.Classifier(model_class())
         if args.gpu >= 0:
             model.to_gpu(args.gpu)
@@ -377,12 +407,29 @@ def bench_train(args, xp, synchronize):
             optimizer.update(model, x, t)
             synchronize()
         steps[name] = step
+        if name.endswith(BASELINE):
+            steps[name] = args.baseline.wrap(step)
     medians = median_times(steps, args.repeats)
     rows = [('train step', 'batch 100', name, medians[name],
              medians[name] / medians['regular'], '')
             for name in steps]
     print_rows(rows, header=True)
+    print_against_baseline(medians, 'deformable')
     return rows
+
+
+BASELINE = 'baseline'
+
+
+def print_against_baseline(medians, name):
+    """``name``'s median against its baseline's, where one was timed."""
+    if name == 'ours':
+        baseline = BASELINE
+    else:
+        baseline = '{}, {}'.format(name, BASELINE)
+    if baseline in medians:
+        print('# A/B {}: ours / baseline = {:.3f}'.format(
+            name, medians[name] / medians[baseline]))
 
 
 def print_rows(rows, header):
@@ -408,9 +455,17 @@ def main():
                              'the device)')
     parser.add_argument('--no-builtin', action='store_true',
                         help="op mode: leave out Chainer's built-in (slow)")
+    parser.add_argument('--baseline', metavar='DIR',
+                        help='another copy of the package (DIR/deformable), '
+                        'timed beside this one')
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error('--repeats must be at least 1')
+    if args.baseline is not None:
+        try:
+            args.baseline = side_by_side.Baseline(args.baseline)
+        except (ValueError, ImportError) as e:
+            parser.error('--baseline: {}'.format(e))
     heap = 'freed memory kept' if keep_freed_memory() else 'malloc as is'
 
     if args.gpu >= 0:
@@ -431,7 +486,8 @@ def main():
 
         def synchronize():
             pass
-        loops = 'NumPy' if _cpu.compiled_kernels() is None else 'Numba'
+        loops = {'numpy': 'NumPy', 'numba': 'Numba'}[
+            backends.cpu_backend().name]
         device = ('{} CPU cores, {}, {} loops, OPENBLAS_THREAD_TIMEOUT={}, '
                   '{}')
         device = device.format(os.cpu_count(), platform.processor() or

@@ -1,5 +1,6 @@
 """Checking and normalizing the hyperparameters of a convolution."""
 
+import collections
 import numbers
 
 
@@ -36,3 +37,16 @@ def positive_int(value, name):
 def _is_int(value):
     # bool is an int to Python, never a size.
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+class Hyperparameters(collections.namedtuple(
+        'Hyperparameters', 'stride pad dilate groups')):
+    """A convolution's ``stride``, ``pad``, ``dilate`` (pairs of ints) and
+    ``groups``, as every backend takes them."""
+
+    @classmethod
+    def checked(cls, stride=1, pad=0, dilate=1, groups=1):
+        """The hyperparameters, each checked (see :func:`int_pair`)."""
+        return cls(int_pair(stride, 'stride', 1), int_pair(pad, 'pad', 0),
+                   int_pair(dilate, 'dilate', 1),
+                   positive_int(groups, 'groups'))

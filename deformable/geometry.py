@@ -15,6 +15,13 @@ bilinear corners and fraction.
 import numpy
 
 
+def compute_dtype(dtype):
+    """The dtype samples are computed in: float16 has too little precision
+    for sample coordinates (at x = 150 it resolves an eighth of a pixel), so
+    float32 for it."""
+    return numpy.dtype(numpy.float32 if dtype == numpy.float16 else dtype)
+
+
 def tap_grid(out, stride, pad, ksize, dilate):
     """Where the taps of outputs ``out`` fall along one axis, before their
     offsets: ``grid[t, ...] = out * stride - pad + t * dilate``.

@@ -41,16 +41,17 @@ class DeformableConvolution2DSampler(link.Link):
         self.groups = arguments.positive_int(groups, 'groups')
         self.out_channels = out_channels
         with self.init_scope():
-            self.W = chainer.Parameter(initializers._get_initializer(initialW))
+            # A Parameter takes an initializer, a scalar or an array; None
+            # would be NaN, so the convolution's default is named here.
+            self.W = chainer.Parameter(
+                initializers.LeCunNormal() if initialW is None else initialW)
             if in_channels is not None:
                 self._initialize_params(in_channels)
             if nobias:
                 self.b = None
             else:
-                if initial_bias is None:
-                    initial_bias = 0
                 self.b = chainer.Parameter(
-                    initializers._get_initializer(initial_bias),
+                    0 if initial_bias is None else initial_bias,
                     out_channels)
 
     def _initialize_params(self, in_channels):
@@ -68,6 +69,32 @@ class DeformableConvolution2DSampler(link.Link):
         return functions.deformable_convolution_2d_sampler(
             x, offset, self.W, self.b, self.stride, self.pad, self.dilate,
             self.groups, mask)
+
+
+class OffsetConvolution2D(chainer.links.Convolution2D):
+    """``chainer.links.Convolution2D`` that, on the CPU, computes with the
+    deformable op at zero offsets: the same convolution, about twice as fast
+    as ``F.convolution_2d`` there (``benchmarks/bench_sampler.py``). Being a
+    link called as one, its hooks run on every device."""
+
+    def forward(self, x):
+        if backend.get_array_module(x) is not numpy:
+            return super(OffsetConvolution2D, self).forward(x)
+        kh, kw = arguments.int_pair(self.ksize, 'ksize', 1)
+        if self.W.array is None:
+            self.W.initialize((self.out_channels, x.shape[1] // self.groups,
+                               kh, kw))
+        (sy, sx), (ph, pw), (dy, dx) = (
+            arguments.int_pair(self.stride, 'stride', 1),
+            arguments.int_pair(self.pad, 'pad', 0),
+            arguments.int_pair(self.dilate, 'dilate', 1))
+        n, _, h, w = x.shape
+        out_h = chainer.utils.conv.get_conv_outsize(h, kh, sy, ph, d=dy)
+        out_w = chainer.utils.conv.get_conv_outsize(w, kw, sx, pw, d=dx)
+        zeros = numpy.zeros((n, 2 * kh * kw, out_h, out_w), x.dtype)
+        return functions.deformable_convolution_2d_sampler(
+            x, zeros, self.W, self.b, (sy, sx), (ph, pw), (dy, dx),
+            self.groups)
 
 
 class DeformableConvolution2D(link.Chain):
@@ -138,7 +165,7 @@ class DeformableConvolution2D(link.Chain):
         if offset_initial_bias is None:
             offset_initial_bias = initializers.Zero()
         with self.init_scope():
-            self.offset_conv = chainer.links.Convolution2D(
+            self.offset_conv = OffsetConvolution2D(
                 in_channels, n_predicted, ksize, stride, pad,
                 nobias=offset_nobias, initialW=offset_initialW,
                 initial_bias=offset_initial_bias, dilate=dilate)
@@ -151,33 +178,12 @@ class DeformableConvolution2D(link.Chain):
     def offsets_and_mask(self, x):
         """``(offset, mask)`` that ``offset_conv`` predicts for ``x``;
         ``mask`` is None unless the layer is modulated."""
-        predicted = self._offset_convolution(x)
+        predicted = self.offset_conv(x)
         if not self.modulated:
             return predicted, None
         offset, logits = chainer.functions.split_axis(
             predicted, [self.n_offsets], axis=1)
         return offset, chainer.functions.sigmoid(logits)
-
-    def _offset_convolution(self, x):
-        """``offset_conv(x)``. On the CPU it is our sampler at zero offsets:
-        the same plain convolution, about twice as fast as
-        ``F.convolution_2d`` there (``benchmarks/bench_sampler.py``)."""
-        conv = self.offset_conv
-        if backend.get_array_module(x) is not numpy:
-            return conv(x)
-        if conv.W.array is None:
-            conv._initialize_params(x.shape[1])
-        kh, kw = arguments.int_pair(conv.ksize, 'ksize', 1)
-        (sy, sx), (ph, pw), (dy, dx) = (
-            arguments.int_pair(conv.stride, 'stride', 1),
-            arguments.int_pair(conv.pad, 'pad', 0),
-            arguments.int_pair(conv.dilate, 'dilate', 1))
-        n, _, h, w = x.shape
-        out_h = chainer.utils.conv.get_conv_outsize(h, kh, sy, ph, d=dy)
-        out_w = chainer.utils.conv.get_conv_outsize(w, kw, sx, pw, d=dx)
-        zeros = numpy.zeros((n, 2 * kh * kw, out_h, out_w), x.dtype)
-        return functions.deformable_convolution_2d_sampler(
-            x, zeros, conv.W, conv.b, (sy, sx), (ph, pw), (dy, dx))
 
     def forward(self, x):
         """Applies the deformable convolution to ``x``."""

@@ -50,13 +50,13 @@ def main():
     import chainer
     import chainer.functions as F
     import deformable
-    from deformable import _gpu
+    from deformable.backends import gpu
 
     cupy.cuda.set_allocator(None)
     if args.plant_out_of_bounds:
         check = '(0 <= y && y < h && 0 <= x && x < w) ?'
-        assert _gpu.PREAMBLE.count(check) == 1
-        _gpu.PREAMBLE = _gpu.PREAMBLE.replace(check, 'true ?')
+        assert gpu.PREAMBLE.count(check) == 1
+        gpu.PREAMBLE = gpu.PREAMBLE.replace(check, 'true ?')
 
     rng = numpy.random.RandomState(0)
     # (x shape, W shape, stride, pad, dilate, groups, offset groups, mask)

@@ -1,4 +1,5 @@
-"""Runs the CUDA kernels of ``deformable/_gpu.py`` on the CPU (tests only).
+"""Runs the CUDA kernels of ``deformable/backends/gpu.py`` on the CPU (tests
+only).
 
 :func:`elementwise` stands in for ``chainer.backends.cuda.elementwise``: it
 takes the very strings CuPy would compile (parameters, operation, preamble),
@@ -14,8 +15,8 @@ compiles them with the system C++ compiler:
 
 Change a line of a kernel and what runs here changes with it: there is no
 second copy. :func:`gpu_path_on_cpu` patches this and NumPy (for CuPy) into
-the library, so that ``forward_gpu`` and the gradient's ``forward_gpu`` run
-whole on NumPy arrays, matrix products and bias included.
+the GPU backend, so that the nodes' ``forward_gpu`` run whole on NumPy
+arrays, matrix products and bias included.
 
 :func:`cuda_source` wraps the same strings as CUDA for ``nvcc``, with the
 same parameter rules, so the tests can also compile them for real GPUs.
@@ -33,7 +34,7 @@ from unittest import mock
 
 import numpy
 
-from deformable import _gpu
+from deformable.backends import gpu
 from deformable import functions
 
 
@@ -128,8 +129,8 @@ def cpu_source(in_params, out_params, operation, name, preamble):
 
 def cuda_source(kernels=None, preamble=None):
     """All kernels as CUDA, instantiated for float and double."""
-    kernels = _gpu.KERNELS if kernels is None else kernels
-    preamble = _gpu.PREAMBLE if preamble is None else preamble
+    kernels = gpu.KERNELS if kernels is None else kernels
+    preamble = gpu.PREAMBLE if preamble is None else preamble
     parts = ['#include <cstddef>\n', preamble]
     for source in kernels:
         params = parse_params(source.all_in_params, source.out_params)
@@ -218,11 +219,10 @@ def gpu_path_on_cpu():
     """Runs the op's GPU code (kernels emulated, NumPy for CuPy) for NumPy
     inputs, everywhere Chainer would call ``forward_cpu``."""
     fake_cuda = types.SimpleNamespace(cupy=numpy, elementwise=elementwise)
-    nodes = (functions.DeformableConvolution2DSampler,
-             functions.DeformableConvolution2DSamplerGrad)
+    nodes = (functions.DeformableConvolution2DFunction,
+             functions.DeformableConvolution2DGradFunction)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(_gpu, 'cuda', fake_cuda))
-        stack.enter_context(mock.patch.object(functions, 'cuda', fake_cuda))
+        stack.enter_context(mock.patch.object(gpu, 'cuda', fake_cuda))
         for node in nodes:
             stack.enter_context(mock.patch.object(
                 node, 'forward_cpu', node.forward_gpu))

@@ -19,7 +19,7 @@ import chainer
 from chainer import testing
 
 import deformable
-from deformable import _gpu
+from deformable.backends import gpu
 
 import kernel_emulation
 from test_sampler import GRID
@@ -207,7 +207,7 @@ class TestSpecialOffsets(unittest.TestCase):
 
 
 # Bugs planted in the kernels, each of which these tests must catch:
-# (kernel constant in _gpu, old text, new text).
+# (kernel constant in gpu, old text, new text).
 PLANTED_BUGS = {
     'swapped fraction': (
         'SAMPLE_COLUMNS', '(1 - fy) * ((1 - fx) * pixel',
@@ -234,14 +234,14 @@ PLANTED_BUGS = {
 
 
 def planted(constant, old, new):
-    """A patch of ``_gpu.<constant>`` with one piece of text replaced."""
-    value = getattr(_gpu, constant)
+    """A patch of ``gpu.<constant>`` with one piece of text replaced."""
+    value = getattr(gpu, constant)
     text = value if isinstance(value, str) else value.operation
     assert text.count(old) == 1, (constant, old)
     text = text.replace(old, new)
     if not isinstance(value, str):
         text = value._replace(operation=text)
-    return mock.patch.object(_gpu, constant, text)
+    return mock.patch.object(gpu, constant, text)
 
 
 @testing.parameterize(*testing.product({'bug': sorted(PLANTED_BUGS)}))
@@ -292,10 +292,10 @@ class Test64BitIndices(unittest.TestCase):
     def run_kernel(self, source, c, inputs, outputs, **kwargs):
         # A 1x1 kernel, stride 1, no pad, no mask: one thread per sample.
         geometry = (self.offset, self.offset, 0, self.plane, c, self.h,
-                    self.w, self.h, self.w, 1, 1, 1, 1, 0, 0, 1, 1, 1)
+                    self.w, self.h, self.w, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1)
         kernel_emulation.elementwise(
             source.all_in_params, source.out_params, source.body,
-            source.name, preamble=_gpu.PREAMBLE)(
+            source.name, preamble=gpu.PREAMBLE)(
                 *(inputs + geometry + outputs), size=self.plane, **kwargs)
 
     def small_problem(self):
@@ -303,13 +303,13 @@ class Test64BitIndices(unittest.TestCase):
         x = numpy.zeros((1, 1, self.h, self.w), numpy.float32)
         x[0, 0, -self.rows - 1:] = self.last_rows
         columns = numpy.zeros((1, self.plane), numpy.float32)
-        self.run_kernel(_gpu.SAMPLE_COLUMNS, 1, (x,), (columns,))
+        self.run_kernel(gpu.SAMPLE_COLUMNS, 1, (x,), (columns,))
         gcol = numpy.zeros_like(columns)
         gcol[0, -self.window:] = self.gcol
         gx = numpy.zeros_like(x)
-        self.run_kernel(_gpu.SCATTER_COLUMNS, 1, (gcol,), (gx,))
+        self.run_kernel(gpu.SCATTER_COLUMNS, 1, (gcol,), (gx,))
         goffset = numpy.zeros_like(self.offset)
-        self.run_kernel(_gpu.OFFSET_GRADS, 1, (x, gcol),
+        self.run_kernel(gpu.OFFSET_GRADS, 1, (x, gcol),
                         (goffset, goffset[:0]))
         return columns[0], gx[0, 0], goffset
 
@@ -320,30 +320,30 @@ class Test64BitIndices(unittest.TestCase):
         x = numpy.zeros((1, c, self.h, self.w), numpy.float32)
         x[0, -1, -self.rows - 1:] = self.last_rows
         columns = numpy.zeros((c, plane), numpy.float32)
-        self.run_kernel(_gpu.SAMPLE_COLUMNS, c, (x,), (columns,), **last)
+        self.run_kernel(gpu.SAMPLE_COLUMNS, c, (x,), (columns,), **last)
         numpy.testing.assert_array_equal(
             columns[-1, -window:], columns_1[-window:])
 
         columns[-1, -window:] = self.gcol
         goffset = numpy.zeros_like(self.offset)
-        self.run_kernel(_gpu.OFFSET_GRADS, c, (x, columns),
+        self.run_kernel(gpu.OFFSET_GRADS, c, (x, columns),
                         (goffset, goffset[:0]), **last)
         numpy.testing.assert_array_equal(goffset, goffset_1)
         del x
 
         gx = numpy.zeros((1, c, self.h, self.w), numpy.float32)
-        self.run_kernel(_gpu.SCATTER_COLUMNS, c, (columns,), (gx,), **last)
+        self.run_kernel(gpu.SCATTER_COLUMNS, c, (columns,), (gx,), **last)
         numpy.testing.assert_array_equal(gx[0, -1], gx_1)
 
     def test_index_types_in_source(self):
         # Every flat index that is a product of sizes is ptrdiff_t.
-        text = _gpu.PREAMBLE + ''.join(k.operation for k in _gpu.KERNELS)
+        text = gpu.PREAMBLE + ''.join(k.operation for k in gpu.KERNELS)
         names = 'p|ch|n|off|plane|n_group|mask_at|first_channel'
         declared = dict((name, kind) for kind, name in re.findall(
             r'\b(int|ptrdiff_t)\s+(' + names + r')\b\s*=', text))
         assert set(declared) == set(names.split('|'))
         assert set(declared.values()) == {'ptrdiff_t'}, declared
-        assert 'int64 P' in _gpu.GEOMETRY_PARAMS
+        assert 'int64 P' in gpu.GEOMETRY_PARAMS
 
 
 @pytest.mark.skipif(not kernel_emulation.compiler_available(

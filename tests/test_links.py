@@ -199,11 +199,11 @@ class TestGeneralDeformableConvolution2D(unittest.TestCase):
                                       rtol=1e-5, atol=1e-5)
 
 
-class TestOffsetConvolutionOnCpu(unittest.TestCase):
-    """On the CPU the link computes offset_conv with the sampler at zero
-    offsets: the same convolution as ``offset_conv(x)``."""
+class TestOffsetConvolution(unittest.TestCase):
+    """On the CPU ``offset_conv`` computes with the sampler at zero offsets:
+    the same convolution as ``F.convolution_2d``, and the same gradients."""
 
-    def test_same_as_offset_conv(self):
+    def test_same_as_convolution_2d(self):
         x = numpy.random.RandomState(2).uniform(
             -1, 1, (2, 4, 9, 8)).astype(numpy.float64)
         with chainer.using_config('dtype', numpy.float64):
@@ -213,22 +213,43 @@ class TestOffsetConvolutionOnCpu(unittest.TestCase):
                 offset_initialW=initializers.Normal(0.3),
                 offset_initial_bias=initializers.Normal(0.3))
             link(x)   # initializes
-        xv = chainer.Variable(x)
-        offset, mask = link.offsets_and_mask(xv)
-        predicted = link.offset_conv(x).array      # F.convolution_2d
-        numpy.testing.assert_allclose(offset.array, predicted[:, :24],
-                                      rtol=1e-12, atol=1e-12)
-        numpy.testing.assert_allclose(
-            mask.array, F.sigmoid(predicted[:, 24:]).array,
-            rtol=1e-12, atol=1e-12)
-        link.cleargrads()
-        F.sum(offset ** 2).backward()
-        ours = link.offset_conv.W.grad.copy(), xv.grad.copy()
-        link.cleargrads()
-        xv = chainer.Variable(x)
-        F.sum(link.offset_conv(xv)[:, :24] ** 2).backward()
-        for a, b in zip(ours, (link.offset_conv.W.grad, xv.grad)):
-            numpy.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        conv = link.offset_conv
+        results = []
+        for function in (conv, lambda v: F.convolution_2d(
+                v, conv.W, conv.b, conv.stride, conv.pad,
+                dilate=conv.dilate)):
+            link.cleargrads()
+            xv = chainer.Variable(x)
+            y = function(xv)
+            F.sum(y ** 2).backward()
+            results.append((y.array, conv.W.grad.copy(), conv.b.grad.copy(),
+                            xv.grad))
+        for ours, reference in zip(*results):
+            numpy.testing.assert_allclose(ours, reference, rtol=1e-12,
+                                          atol=1e-12)
+
+
+class _Calls(chainer.LinkHook):
+    name = 'calls'
+
+    def __init__(self):
+        self.links = []
+
+    def forward_preprocess(self, args):
+        self.links.append(args.link)
+
+
+@testing.inject_backend_tests(None, BACKENDS)
+class TestLinkHooks(unittest.TestCase):
+
+    def test_hooks_on_offset_conv_run(self, backend_config):
+        link = deformable.DeformableConvolution2D(3, 4, 3, pad=1)
+        link.to_device(backend_config.device)
+        hook = _Calls()
+        link.offset_conv.add_hook(hook)
+        link(backend_config.device.send(
+            numpy.zeros((1, 3, 5, 5), numpy.float32)))
+        assert hook.links == [link.offset_conv]
 
 
 class TestGeneralBadArguments(unittest.TestCase):

@@ -1,6 +1,6 @@
-"""The vector loops of ``deformable._simd`` against NumPy, at every channel
-count around the vector width (whole vectors, one vector exactly, a tail
-only, vectors and a tail), and the compiled op at those widths against the
+"""The vector loops of ``deformable.backends.simd`` against NumPy, at every
+channel count around the vector width (whole vectors, one vector exactly, a
+tail only, vectors and a tail), and the compiled op at those widths against the
 pure-NumPy loops."""
 
 import numpy
@@ -11,7 +11,7 @@ import chainer
 import deformable
 
 numba = pytest.importorskip('numba')
-_simd = pytest.importorskip('deformable._simd')
+simd = pytest.importorskip('deformable.backends.simd')
 
 COUNTS = [0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 33]
 DTYPES = [numpy.float32, numpy.float64]
@@ -27,8 +27,8 @@ AT = 7
 
 @numba.njit
 def call_blend(out, at, source, corner, count, weights):
-    _simd.blend(out, at, source, corner, STEP_X, STEP_Y, count, weights[0],
-                weights[1], weights[2], weights[3])
+    simd.blend(out, at, source, corner, (STEP_X, STEP_Y), count,
+               (weights[0], weights[1], weights[2], weights[3]))
 
 
 # Where tap_backward's four sums go in its array of them.
@@ -37,20 +37,22 @@ SUMS_AT = 4
 
 @numba.njit
 def call_tap_backward(source, target, count, columns, grad_columns,
-                      weights, dots, scatter, sums, accumulate):
-    _simd.tap_backward(
-        source, target, CORNER, STEP_X, STEP_Y, count, columns,
-        grad_columns, AT, weights[0], weights[1], weights[2], weights[3],
-        dots, scatter, sums, SUMS_AT, accumulate)
+                      weights, dots, scatter, fill, sums, accumulate):
+    simd.tap_backward(
+        (source, target), CORNER, (STEP_X, STEP_Y), count,
+        (columns, grad_columns), AT,
+        (weights[0], weights[1], weights[2], weights[3]),
+        (dots, scatter, fill, accumulate), sums, SUMS_AT)
 
 
 def tap_sums(source, target, count, columns, grad_columns, weights,
-             dots=True, scatter=False, before=0, accumulate=False):
+             dots=True, scatter=False, fill=True, before=0,
+             accumulate=False):
     """The sums tap_backward leaves (from ``before``), checking that it
     writes nothing else of their array."""
     sums = numpy.full(12, before, source.dtype)
     call_tap_backward(source, target, count, columns, grad_columns, weights,
-                      dots, scatter, sums, accumulate)
+                      dots, scatter, fill, sums, accumulate)
     assert (sums[:SUMS_AT] == before).all()
     assert (sums[SUMS_AT + 4:] == before).all()
     return sums[SUMS_AT:SUMS_AT + 4]
@@ -94,17 +96,21 @@ def test_blend(count, dtype):
 @pytest.mark.parametrize('dots', [False, True])
 @pytest.mark.parametrize('scatter', [False, True])
 @pytest.mark.parametrize('accumulate', [False, True])
-def test_tap_backward(count, dtype, dots, scatter, accumulate):
+@pytest.mark.parametrize('fill', [False, True])
+def test_tap_backward(count, dtype, dots, scatter, fill, accumulate):
     source, weights, grad_columns = arrays(count, dtype)
     target = numpy.zeros_like(source)
     columns = numpy.full_like(grad_columns, 7)
     before = 0.25
     sums = tap_sums(source, target, count, columns, grad_columns, weights,
-                    dots, scatter, before, accumulate)
+                    dots, scatter, fill, before, accumulate)
 
     flat_columns = columns.reshape(-1)
-    numpy.testing.assert_array_equal(flat_columns[AT:AT + count],
-                                     blended(source, weights, count))
+    if fill:
+        numpy.testing.assert_array_equal(flat_columns[AT:AT + count],
+                                         blended(source, weights, count))
+    else:
+        assert (flat_columns[AT:AT + count] == 7).all()
     assert (flat_columns[:AT] == 7).all()
     assert (flat_columns[AT + count:] == 7).all()
 
@@ -186,7 +192,9 @@ def test_compiled_op_agrees_with_numpy_loops(width, offset_groups, groups,
 def test_64_bit_plane_positions_give_the_same_results(monkeypatch):
     """Images too large for 32-bit positions take 64-bit ones (forced here
     on a small image): the same results, bit for bit."""
-    from deformable import _cpu
+    from deformable import tuning
+    from deformable.backends import cpu
+    from deformable.backends import numba_loops
     rng = numpy.random.RandomState(7)
     x = rng.uniform(-1, 1, (2, 8, 7, 6))
     offset = rng.uniform(-3, 3, (2, 36, 7, 6))
@@ -204,10 +212,12 @@ def test_64_bit_plane_positions_give_the_same_results(monkeypatch):
         return [y.array] + [v.grad for v in inputs]
 
     narrow = run()
-    monkeypatch.setattr(_cpu, 'INT32_PLANE_LIMIT', 0)
-    assert _cpu.Problem(
-        x.shape, offset.shape, W.shape, (1, 1), (1, 1), (1, 1), 1,
-        x.dtype).index_like.dtype == numpy.int64
+    monkeypatch.setattr(tuning, 'INT32_PLANE_LIMIT', 0)
+    hyperparameters = deformable.arguments.Hyperparameters.checked(pad=1)
+    plan = cpu.Plan(x.shape, offset.shape, W.shape, hyperparameters,
+                    x.dtype)
+    loops = numba_loops.Loops(plan, cpu.Operands(offset, W, mask, plan))
+    assert loops.sampling.index_dtype == numpy.int64
     wide = run()
     for a, b in zip(narrow, wide):
         numpy.testing.assert_array_equal(a, b)

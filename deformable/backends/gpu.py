@@ -1,13 +1,14 @@
-"""CuPy kernels for deformable-convolution sampling.
+"""The GPU backend: CuPy kernels for the sampling, cuBLAS for the products.
 
-Columns are laid out ``(c * K, P)`` (``P = n * out_h * out_w``, channel
-major, so a convolution group's rows are contiguous), and the weight matrix
-is ``(out_c, c / groups * K)``. Each thread handles one (offset group, tap,
-sample): it finds where the sample falls once and loops over the group's
-channels, and neighbouring threads touch neighbouring output pixels. The
-sampling rules are the CPU path's (see ``geometry.axis_geometry``): positions
-clamped to ``[-1, size]``, floor capped at ``size - 1``, NaN kept in the
-fraction, forward difference at integers.
+The columns (``layout``) are stored ``(columns, P)``, ``P = n * out_h *
+out_w`` samples in image-major order, and multiplied with the weight
+matrix one convolution group at a time. Each thread of a kernel handles one
+(offset group, tap, sample): it finds where the sample falls once and loops
+over the group's channels, and neighbouring threads touch neighbouring
+output pixels. The sampling rules are ``geometry``'s, line for line
+(``axis_geometry`` below): positions clamped to ``[-1, size]``, floor
+capped at ``size - 1``, NaN kept in the fraction, forward difference at
+integers.
 
 Each kernel's CUDA source is defined once here (:data:`PREAMBLE` and the
 :class:`KernelSource` constants) and compiled by CuPy as it stands; the
@@ -19,6 +20,10 @@ feature maps can pass 2**31 elements.
 import collections
 
 from chainer.backends import cuda
+from chainer import utils
+
+from deformable import geometry
+from deformable.backends import layout
 
 
 PREAMBLE = r'''
@@ -32,6 +37,11 @@ __device__ int axis_geometry(T pos, int size, T* frac, bool* inside) {
     *frac = clamped - lower;
     *inside = pos >= (T)-1 && pos < (T)size;
     return (int)lower;
+}
+
+// Row of channel ch, tap k in the columns: (group, tap, channel) order.
+__device__ ptrdiff_t column_row(ptrdiff_t ch, int k, int K, int c_group) {
+    return (ch / c_group * K + k) * c_group + ch % c_group;
 }
 
 template <typename T>
@@ -61,7 +71,8 @@ __device__ T pixel(const T* image, int h, int w, int y, int x) {
     const int y0 = axis_geometry(pos_y, h, &fy, &inside_y);                \
     const int x0 = axis_geometry(pos_x, w, &fx, &inside_x);                \
     const int group_channels = c_in / G;                                   \
-    const ptrdiff_t first_channel = (ptrdiff_t)group * group_channels;
+    const ptrdiff_t first_channel = (ptrdiff_t)group * group_channels;     \
+    const int c_group = c_in / groups;
 '''
 
 # Sizes and geometry, the trailing parameters of every kernel. Without a
@@ -69,7 +80,8 @@ __device__ T pixel(const T* image, int h, int w, int y, int x) {
 GEOMETRY_PARAMS = ('raw T offset, raw T mask, int32 has_mask, int64 P, '
                    'int32 c_in, int32 h, int32 w, int32 out_h, int32 out_w, '
                    'int32 kh, int32 kw, int32 sy, int32 sx, int32 ph, '
-                   'int32 pw, int32 dil_y, int32 dil_x, int32 G')
+                   'int32 pw, int32 dil_y, int32 dil_x, int32 G, '
+                   'int32 groups')
 
 
 class KernelSource(collections.namedtuple(
@@ -93,7 +105,7 @@ SAMPLE_COLUMNS = KernelSource(
     for (ptrdiff_t ch = first_channel; ch < first_channel + group_channels;
          ++ch) {
         const T* image = &x[(n * c_in + ch) * h * w];
-        col[(ch * K + k) * P + p] =
+        col[column_row(ch, k, K, c_group) * P + p] =
             m * ((1 - fy) * ((1 - fx) * pixel(image, h, w, y0, x0)
                              + fx * pixel(image, h, w, y0, x0 + 1))
                  + fy * ((1 - fx) * pixel(image, h, w, y0 + 1, x0)
@@ -115,7 +127,7 @@ SCATTER_COLUMNS = KernelSource(
         for (ptrdiff_t ch = first_channel;
              ch < first_channel + group_channels; ++ch) {
             T* image = &gx[(n * c_in + ch) * h * w];
-            const T g = gcol[(ch * K + k) * P + p];
+            const T g = gcol[column_row(ch, k, K, c_group) * P + p];
             for (int q = 0; q < 4; ++q) {
                 const int y = y0 + q / 2;
                 const int x = x0 + q % 2;
@@ -137,7 +149,7 @@ OFFSET_GRADS = KernelSource(
     for (ptrdiff_t ch = first_channel; ch < first_channel + group_channels;
          ++ch) {
         const T* image = &x[(n * c_in + ch) * h * w];
-        const T g = gcol[(ch * K + k) * P + p];
+        const T g = gcol[column_row(ch, k, K, c_group) * P + p];
         s00 += g * pixel(image, h, w, y0, x0);
         s01 += g * pixel(image, h, w, y0, x0 + 1);
         s10 += g * pixel(image, h, w, y0 + 1, x0);
@@ -165,9 +177,10 @@ def _kernel(source):
 class KernelArgs(object):
     """The sizes and geometry arguments the kernels share."""
 
-    def __init__(self, x_shape, offset, mask, ksize, stride, pad, dilate):
+    def __init__(self, x_shape, offset, mask, ksize, hyperparameters):
         n, c, h, w = x_shape
         _, offset_channels, out_h, out_w = offset.shape
+        stride, pad, dilate, groups = hyperparameters
         n_taps = ksize[0] * ksize[1]
         self.n_groups = offset_channels // (2 * n_taps)
         self.n_samples = n * out_h * out_w
@@ -176,7 +189,7 @@ class KernelArgs(object):
         self.args = ((offset, offset if mask is None else mask,
                       int(mask is not None), self.n_samples, c, h, w,
                       out_h, out_w) + tuple(ksize) + tuple(stride)
-                     + tuple(pad) + tuple(dilate) + (self.n_groups,))
+                     + tuple(pad) + tuple(dilate) + (self.n_groups, groups))
 
 
 def sample_columns(x, kernel_args):
@@ -203,3 +216,77 @@ def offset_grads(x, grad_columns, offset, mask, kernel_args):
     _kernel(OFFSET_GRADS)(x, grad_columns, *kernel_args.args, grad_offset,
                           grad_mask, size=kernel_args.n_threads)
     return grad_offset, (grad_mask if mask is not None else None)
+
+
+def _grouped_matmul(a, b):
+    """``a @ b`` for stacks ``(groups, ., .)`` of matrices."""
+    if len(a) == 1:
+        return a[0].dot(b[0])[None]
+    return cuda.cupy.matmul(a, b)
+
+
+class GpuBackend(object):
+    """The CuPy backend (see ``backends`` for the interface)."""
+
+    name = 'cupy'
+
+    def _prepare(self, hyperparameters, x, offset, W, mask):
+        """The inputs in the compute dtype, C-contiguous as the kernels
+        index them, the weight matrix and the kernels' arguments."""
+        dtype = geometry.compute_dtype(x.dtype)
+        x, offset = (cuda.cupy.ascontiguousarray(a, dtype=dtype)
+                     for a in (x, offset))
+        if mask is not None:
+            mask = cuda.cupy.ascontiguousarray(mask, dtype=dtype)
+        weight = layout.weight_matrix(W, hyperparameters.groups, dtype)
+        kernel_args = KernelArgs(x.shape, offset, mask, W.shape[2:],
+                                 hyperparameters)
+        return x, offset, mask, weight, kernel_args
+
+    def forward(self, hyperparameters, x, offset, W, b, mask):
+        """Output and the columns, kept for the backward."""
+        x_c, offset, mask, weight, kernel_args = self._prepare(
+            hyperparameters, x, offset, W, mask)
+        n, _, out_h, out_w = offset.shape
+        columns = sample_columns(x_c, kernel_args)
+        groups, width, out_group = weight.shape
+        y = _grouped_matmul(weight.transpose(0, 2, 1),
+                            columns.reshape(groups, width, -1))
+        y = y.reshape(groups * out_group, -1)
+        if b is not None:
+            y += b.astype(y.dtype, copy=False)[:, None]
+        y = y.reshape(-1, n, out_h, out_w).transpose(1, 0, 2, 3)
+        return cuda.cupy.ascontiguousarray(y, dtype=x.dtype), columns
+
+    def backward(self, hyperparameters, x, offset, W, gy, mask, kept,
+                 needed):
+        """The gradients named in ``needed``; ``kept``: the forward's
+        columns, or None."""
+        x_c, offset_c, mask_c, weight, kernel_args = self._prepare(
+            hyperparameters, x, offset, W, mask)
+        groups, width, out_group = weight.shape
+        # (groups, out_group, P), samples in the columns' order.
+        gy = gy.astype(weight.dtype, copy=False).transpose(
+            1, 0, 2, 3).reshape(groups, out_group, -1)
+        grads = {}
+        if 'W' in needed:
+            columns = kept if kept is not None else sample_columns(
+                x_c, kernel_args)
+            grads['W'] = layout.weight_from_matrix(_grouped_matmul(
+                columns.reshape(groups, width, -1), gy.transpose(0, 2, 1)),
+                W.shape)
+        if needed & {'x', 'offset', 'mask'}:
+            grad_columns = _grouped_matmul(weight, gy).reshape(
+                kernel_args.columns_shape)
+            if 'x' in needed:
+                utils.nondeterministic('atomicAdd')
+                grads['x'] = scatter_columns(grad_columns, x.shape,
+                                             kernel_args)
+            if needed & {'offset', 'mask'}:
+                grads['offset'], grads['mask'] = offset_grads(
+                    x_c, grad_columns, offset_c, mask_c, kernel_args)
+        return {name: grads[name].astype(x.dtype, copy=False)
+                for name in needed}
+
+
+BACKEND = GpuBackend()

@@ -4,7 +4,7 @@ Numba runs LLVM with its SLP vectorizer off, and LLVM's loop vectorizer
 only pays off from 32 floats on: the 8 channels of an offset group (32
 channels in 4 groups) would go one float at a time, and that costs the
 general op twice the default's time. These intrinsics take the channels
-:data:`VECTOR_BYTES` at a time, then the rest one by one. Per-channel
+``tuning.VECTOR_BYTES`` at a time, then the rest one by one. Per-channel
 results (the blend, the scatter) are the scalar code's, bit for bit; sums
 over channels are added in one fixed order (:func:`tap_backward`).
 
@@ -18,13 +18,11 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-
-# 256 bits: AVX2's registers; LLVM splits them where vectors are narrower.
-VECTOR_BYTES = 32
+from deformable import tuning
 
 
 def _lanes(dtype):
-    return VECTOR_BYTES // (dtype.bitwidth // 8)
+    return tuning.VECTOR_BYTES // (dtype.bitwidth // 8)
 
 
 def _contiguous_alike(*arrays):
@@ -123,32 +121,44 @@ def _corner_steps(builder, step_x, step_y):
     return zero, step_x, step_y, builder.add(step_y, step_x)
 
 
+def _is_tuple_of(value, count, kind):
+    return (isinstance(value, types.UniTuple) and value.count == count
+            and isinstance(value.dtype, kind))
+
+
+def _unpack(builder, value, count):
+    return [builder.extract_value(value, i) for i in range(count)]
+
+
 @intrinsic
-def blend(typingctx, out, at, source, corner, step_x, step_y, count, w00,
-          w01, w10, w11):
+def blend(typingctx, out, at, source, corner, steps, count, weights):
     """``out[at + j] = w00 source[corner + j] + w01 source[corner + step_x
     + j] + w10 source[corner + step_y + j] + w11 source[corner + step_y +
     step_x + j]`` for ``j < count``: a bilinear sample of ``count``
-    channels."""
-    if not _contiguous_alike(out, source):
+    channels (``steps``: ``(step_x, step_y)``; ``weights``: ``(w00, w01,
+    w10, w11)``)."""
+    if not (_contiguous_alike(out, source)
+            and _is_tuple_of(steps, 2, types.Integer)
+            and _is_tuple_of(weights, 4, types.Float)
+            and weights.dtype == out.dtype):
         return None
-    dtype = out.dtype
-    signature = types.void(out, types.intp, source, types.intp, types.intp,
-                           types.intp, types.intp, dtype, dtype, dtype, dtype)
+    signature = types.void(out, types.intp, source, types.intp, steps,
+                           types.intp, weights)
 
     def codegen(context, builder, sig, args):
-        out_, at_, source_, corner_, step_x_, step_y_, count_ = args[:7]
+        out_, at_, source_, corner_, steps_, count_, weights_ = args
         out_base = _pointer(context, builder, sig.args[0], out_)
         source_base = _pointer(context, builder, sig.args[2], source_)
-        steps = _corner_steps(builder, step_x_, step_y_)
+        steps = _corner_steps(builder, *_unpack(builder, steps_, 2))
+        weights = _unpack(builder, weights_, 4)
 
         def body(access, j, exact):
             corners = [access.load(source_base, where) for where in
                        _corner_positions(builder, builder.add(corner_, j),
                                          steps)]
-            access.store(_weighted_sum(builder, access, args[7:], corners),
+            access.store(_weighted_sum(builder, access, weights, corners),
                          out_base, builder.add(at_, j))
-        _channel_loops(context, builder, count_, dtype, body)
+        _channel_loops(context, builder, count_, sig.args[0].dtype, body)
         return context.get_dummy_value()
     return signature, codegen
 
@@ -193,44 +203,54 @@ def _indices(values):
 
 
 @intrinsic
-def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
-                 columns, grad_columns, at, w00, w01, w10, w11, dots,
-                 scatter, sums, sums_at, accumulate):
+def tap_backward(typingctx, planes, corner, steps, count, columns, at,
+                 weights, flags, sums, sums_at):
     """A tap's share of the backward, with its corners loaded once.
 
-    For ``j < count``: writes :func:`blend`'s ``columns[at + j]`` (the
-    weight's gradient needs the columns again); if ``dots``, writes ``(s00,
-    s01, s10, s11)`` to ``sums[sums_at:sums_at + 4]`` (adds them, if
-    ``accumulate``), ``s = sum_j grad_columns[at + j] source[corner + step
-    + j]`` for each corner's step (one vector store: four scalar ones cost
-    a tap of 8 channels more than its dots); if ``scatter``, adds ``w
-    grad_columns[at + j]`` to ``target[corner + step + j]`` for each
-    corner's step and weight. The corners must not overlap (their steps at
-    least ``count`` apart).
+    ``planes`` is ``(source, target)``, ``columns`` ``(columns,
+    grad_columns)``, ``steps`` ``(step_x, step_y)``, ``weights`` ``(w00,
+    w01, w10, w11)``, ``flags`` ``(dots, scatter, fill, accumulate)``. For
+    ``j < count``: if ``fill``, writes :func:`blend`'s ``columns[at + j]``
+    (for the weight's gradient); if ``dots``, writes ``(s00, s01, s10,
+    s11)`` to ``sums[sums_at:sums_at + 4]`` (adds them, if ``accumulate``),
+    ``s = sum_j grad_columns[at + j] source[corner + step + j]`` for each
+    corner's step (one vector store: four scalar ones cost a tap of 8
+    channels more than its dots); if ``scatter``, adds ``w grad_columns[at
+    + j]`` to ``target[corner + step + j]`` for each corner's step and
+    weight. The corners must not overlap (their steps at least ``count``
+    apart).
 
     Each vector lane keeps its own sums (the channels after the last whole
     vector go to the first lane), added up at the end by
     :func:`_sum_lanes`: the same order on every run.
     """
-    if not _contiguous_alike(source, target, columns, grad_columns, sums):
+    if not (isinstance(planes, types.UniTuple)
+            and isinstance(columns, types.UniTuple)
+            and _contiguous_alike(planes.dtype, columns.dtype, sums)
+            and planes.dtype.dtype == columns.dtype.dtype
+            and _is_tuple_of(steps, 2, types.Integer)
+            and _is_tuple_of(weights, 4, types.Float)
+            and weights.dtype == sums.dtype
+            and _is_tuple_of(flags, 4, types.Boolean)):
         return None
-    dtype = source.dtype
-    signature = types.void(
-        source, target, types.intp, types.intp, types.intp, types.intp,
-        columns, grad_columns, types.intp, dtype, dtype, dtype, dtype,
-        types.boolean, types.boolean, sums, types.intp, types.boolean)
+    dtype = sums.dtype
+    signature = types.void(planes, types.intp, steps, types.intp, columns,
+                           types.intp, weights, flags, sums, types.intp)
 
     def codegen(context, builder, sig, args):
-        (source_, target_, corner_, step_x_, step_y_, count_, columns_,
-         grad_columns_, at_) = args[:9]
-        weights = args[9:13]
-        dots_, scatter_, sums_, sums_at_, accumulate_ = args[13:]
-        source_base = _pointer(context, builder, sig.args[0], source_)
-        target_base = _pointer(context, builder, sig.args[1], target_)
-        columns_base = _pointer(context, builder, sig.args[6], columns_)
-        grad_base = _pointer(context, builder, sig.args[7], grad_columns_)
-        sums_base = _pointer(context, builder, sig.args[15], sums_)
-        steps = _corner_steps(builder, step_x_, step_y_)
+        (planes_, corner_, steps_, count_, columns_, at_, weights_, flags_,
+         sums_, sums_at_) = args
+        source_, target_ = _unpack(builder, planes_, 2)
+        plane_type, column_type = sig.args[0].dtype, sig.args[4].dtype
+        source_base = _pointer(context, builder, plane_type, source_)
+        target_base = _pointer(context, builder, plane_type, target_)
+        columns_base, grad_base = [
+            _pointer(context, builder, column_type, array)
+            for array in _unpack(builder, columns_, 2)]
+        sums_base = _pointer(context, builder, sig.args[8], sums_)
+        steps = _corner_steps(builder, *_unpack(builder, steps_, 2))
+        weights = _unpack(builder, weights_, 4)
+        dots_, scatter_, fill_, accumulate_ = _unpack(builder, flags_, 4)
         element = context.get_value_type(dtype)
         lanes = _lanes(dtype)
         # A vector of sums per corner; the channels after the last whole
@@ -251,13 +271,14 @@ def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
                     builder.extract_element(partial, first_lane), product),
                     first_lane), slot)
 
-        def body(access, j, exact, with_dots, with_scatter):
+        def body(access, j, exact, with_dots, with_scatter, with_fill):
             position = builder.add(at_, j)
             wheres = _corner_positions(builder, builder.add(corner_, j),
                                        steps)
             corners = [access.load(source_base, where) for where in wheres]
-            total = _weighted_sum(builder, access, weights, corners)
-            access.store(total, columns_base, position)
+            if with_fill:
+                access.store(_weighted_sum(builder, access, weights, corners),
+                             columns_base, position)
             gradient = access.load(grad_base, position)
             for q, (where, weight) in enumerate(zip(wheres, weights)):
                 if with_dots:
@@ -270,17 +291,17 @@ def tap_backward(typingctx, source, target, corner, step_x, step_y, count,
                         target_base, where)
 
         # A loop for each case, chosen once.
-        with builder.if_else(dots_) as (with_dots, without):
-            for case, has_dots in ((with_dots, True), (without, False)):
-                with case:
-                    with builder.if_else(scatter_) as (yes, no):
-                        for branch, has_scatter in ((yes, True), (no, False)):
-                            with branch:
-                                _channel_loops(
-                                    context, builder, count_, dtype,
-                                    lambda access, j, exact: body(
-                                        access, j, exact, has_dots,
-                                        has_scatter))
+        def cases(flags, chosen):
+            if not flags:
+                _channel_loops(
+                    context, builder, count_, dtype,
+                    lambda access, j, exact: body(access, j, exact, *chosen))
+                return
+            with builder.if_else(flags[0]) as (yes, no):
+                for branch, value in ((yes, True), (no, False)):
+                    with branch:
+                        cases(flags[1:], chosen + (value,))
+        cases((dots_, scatter_, fill_), ())
 
         with builder.if_then(dots_):
             totals = _sum_lanes(builder, [builder.load(slot)
