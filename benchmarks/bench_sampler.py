@@ -28,6 +28,7 @@ import ctypes.util
 import functools
 import os
 import platform
+import random
 import sys
 import time
 import tracemalloc
@@ -237,12 +238,18 @@ def keep_freed_memory():
 
 
 def median_times(steps, repeats):
-    """Round-robin timing: each repeat runs every step once, in turn."""
+    """Round-robin timing: each repeat runs every step once, in an order
+    shuffled from round to round (a step's predecessor changes its time:
+    what it left in the caches, BLAS's threads)."""
     for step in steps.values():
         step()  # warm-up (kernel compilation, allocator)
     times = {name: [] for name in steps}
+    rng = random.Random(0)
+    names = list(steps)
     for _ in range(repeats):
-        for name, step in steps.items():
+        rng.shuffle(names)
+        for name in names:
+            step = steps[name]
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
@@ -383,8 +390,10 @@ def bench_train(args, xp, synchronize):
     rng = numpy.random.RandomState(0)
     x = xp.asarray(rng.uniform(0, 1, (100, 1, 28, 28)), dtype=numpy.float32)
     t = xp.asarray(rng.randint(0, 10, 100), dtype=numpy.int32)
-    models = [('regular', Convnet), ('deformable', DeformableConvnet),
-              ('deformable, chainer built-in link', BuiltinDeformableConvnet)]
+    models = [('regular', Convnet), ('deformable', DeformableConvnet)]
+    if not args.no_builtin:
+        models.append(('deformable, chainer built-in link',
+                       BuiltinDeformableConvnet))
     if args.baseline is not None:
         baseline = args.baseline.package
 
@@ -454,7 +463,8 @@ def main():
                         help='op mode: shapes to run (default: all for '
                              'the device)')
     parser.add_argument('--no-builtin', action='store_true',
-                        help="op mode: leave out Chainer's built-in (slow)")
+                        help="op and train modes: leave out Chainer's "
+                        'built-in (slow)')
     parser.add_argument('--baseline', metavar='DIR',
                         help='another copy of the package (DIR/deformable), '
                         'timed beside this one')
