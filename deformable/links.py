@@ -178,12 +178,25 @@ class DeformableConvolution2D(link.Chain):
     def offsets_and_mask(self, x):
         """``(offset, mask)`` that ``offset_conv`` predicts for ``x``;
         ``mask`` is None unless the layer is modulated."""
+        self._check_kernel_fits(x.shape[2:])
         predicted = self.offset_conv(x)
         if not self.modulated:
             return predicted, None
         offset, logits = chainer.functions.split_axis(
             predicted, [self.n_offsets], axis=1)
         return offset, chainer.functions.sigmoid(logits)
+
+    def _check_kernel_fits(self, size):
+        conv = self.deform_conv
+        out = [chainer.utils.conv.get_conv_outsize(*args) for args in zip(
+            size, conv.ksize, conv.stride, conv.pad, (False, False),
+            conv.dilate)]
+        if min(out) < 1:
+            raise ValueError(
+                'the {0[0]}x{0[1]} kernel (dilate {1[0]}x{1[1]}, pad '
+                '{2[0]}x{2[1]}) does not fit the {3[0]}x{3[1]} input: the '
+                'output would be {4[0]}x{4[1]}'.format(
+                    conv.ksize, conv.dilate, conv.pad, size, out))
 
     def forward(self, x):
         """Applies the deformable convolution to ``x``."""

@@ -342,7 +342,6 @@ class CpuBackend(object):
                 gx[images] = grad_plane[:, 1:-1, 1:-1].transpose(0, 3, 1, 2)
 
         threads.run(run, list(range(len(image_groups))), loops.threaded)
-        shape = (plan.n, -1, plan.out_h, plan.out_w)
         grads = {'x': gx, 'offset': grad_offset, 'mask': grad_mask}
         if 'W' in needed:
             grad_weight = grad_weights[0] if grad_weights else numpy.zeros(
@@ -350,9 +349,9 @@ class CpuBackend(object):
             for partial in grad_weights[1:]:
                 grad_weight += partial
             grads['W'] = layout.weight_from_matrix(grad_weight, W.shape)
-        for name in ('offset', 'mask'):
+        for name, like in (('offset', offset), ('mask', mask)):
             if grads[name] is not None:
-                grads[name] = grads[name].reshape(shape)
+                grads[name] = grads[name].reshape(like.shape)
         return {name: numpy.ascontiguousarray(grads[name], dtype=x.dtype)
                 for name in needed}
 

@@ -250,12 +250,15 @@ class GpuBackend(object):
         n, _, out_h, out_w = offset.shape
         columns = sample_columns(x_c, kernel_args)
         groups, width, out_group = weight.shape
+        # Sizes written out: with no images, -1 would be ambiguous.
+        n_samples = kernel_args.n_samples
         y = _grouped_matmul(weight.transpose(0, 2, 1),
-                            columns.reshape(groups, width, -1))
-        y = y.reshape(groups * out_group, -1)
+                            columns.reshape(groups, width, n_samples))
+        y = y.reshape(groups * out_group, n_samples)
         if b is not None:
             y += b.astype(y.dtype, copy=False)[:, None]
-        y = y.reshape(-1, n, out_h, out_w).transpose(1, 0, 2, 3)
+        y = y.reshape(groups * out_group, n, out_h, out_w).transpose(
+            1, 0, 2, 3)
         return cuda.cupy.ascontiguousarray(y, dtype=x.dtype), columns
 
     def backward(self, hyperparameters, x, offset, W, gy, mask, kept,
@@ -266,14 +269,16 @@ class GpuBackend(object):
             hyperparameters, x, offset, W, mask)
         groups, width, out_group = weight.shape
         # (groups, out_group, P), samples in the columns' order.
+        n_samples = kernel_args.n_samples
         gy = gy.astype(weight.dtype, copy=False).transpose(
-            1, 0, 2, 3).reshape(groups, out_group, -1)
+            1, 0, 2, 3).reshape(groups, out_group, n_samples)
         grads = {}
         if 'W' in needed:
             columns = kept if kept is not None else sample_columns(
                 x_c, kernel_args)
             grads['W'] = layout.weight_from_matrix(_grouped_matmul(
-                columns.reshape(groups, width, -1), gy.transpose(0, 2, 1)),
+                columns.reshape(groups, width, n_samples),
+                gy.transpose(0, 2, 1)),
                 W.shape)
         if needed & {'x', 'offset', 'mask'}:
             grad_columns = _grouped_matmul(weight, gy).reshape(

@@ -87,7 +87,8 @@ class Loops(object):
         offset = operands.offset
         self.sampling = Sampling(
             offset.reshape(offset.shape[:4] + (per_image,)),
-            operands.mask.reshape(operands.mask.shape[:3] + (-1,)),
+            operands.mask.reshape(operands.mask.shape[:3] + (
+                operands.mask.shape[3] * operands.mask.shape[4],)),
             operands.has_mask,
             numpy.repeat(plan.base_y, plan.out_w, axis=1),
             numpy.tile(plan.base_x, (1, plan.out_h)), plan.kw, dtype.type(-1),

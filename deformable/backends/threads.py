@@ -2,7 +2,12 @@
 
 The compiled loops run blocks on every core, each block in one thread from
 gathering to writing its output, with BLAS held to one thread meanwhile so
-that the two kinds of threads never compete for the cores.
+that the two kinds of threads never compete for the cores (and so that
+BLAS's products, and the results, are the same for any number of threads).
+Holding BLAS to one thread is process-wide state (threadpoolctl), so one
+call at a time runs its work (:data:`_calls`): callers from several Python
+threads then never undo each other's limit, and each call's result is the
+one it gives alone.
 """
 
 import concurrent.futures
@@ -21,6 +26,7 @@ ENV_THREADS = 'DEFORMABLE_NUM_THREADS'
 
 _pool = None          # (threads, ThreadPoolExecutor)
 _blas = None          # threadpoolctl's controller, or False without it
+_calls = threading.Lock()
 
 
 def n_workers():
@@ -68,26 +74,33 @@ def _single_threaded_blas():
 
 
 def run(function, items, threaded):
-    """``function(item)`` for every item, on every core if ``threaded``."""
+    """``function(item)`` for every item: on every core if ``threaded``,
+    with BLAS on one thread whatever the number of threads (so that its
+    products, and the results, are the same for any number); else in this
+    thread, with BLAS as it is."""
     global _pool
-    workers = n_workers() if threaded else 1
-    if workers == 1 or len(items) == 1:
+    if not threaded:
         for item in items:
             function(item)
         return
-    if _pool is None or _pool[0] != workers:
-        _pool = workers, concurrent.futures.ThreadPoolExecutor(
-            workers, thread_name_prefix='deformable')
-    # The threads take the next item as they finish one (next() on a
-    # counter is atomic): the faster core does more, with no hand-offs.
-    counter = itertools.count()
+    workers = min(n_workers(), len(items))
+    with _calls, _single_threaded_blas():
+        if workers <= 1:
+            for item in items:
+                function(item)
+            return
+        if _pool is None or _pool[0] < workers:
+            _pool = workers, concurrent.futures.ThreadPoolExecutor(
+                workers, thread_name_prefix='deformable')
+        # The threads take the next item as they finish one (next() on a
+        # counter is atomic): the faster core does more, with no hand-offs.
+        counter = itertools.count()
 
-    def share(_):
-        for index in iter(counter.__next__, None):
-            if index >= len(items):
-                return
-            function(items[index])
-    with _single_threaded_blas():
+        def share(_):
+            for index in iter(counter.__next__, None):
+                if index >= len(items):
+                    return
+                function(items[index])
         for _ in _pool[1].map(share, range(workers)):
             pass
 
