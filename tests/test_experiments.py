@@ -812,12 +812,12 @@ def test_communicator_without_mpi4py(tmp_path):
 
 
 def test_process_seeds():
-    import train_mnist
-    seeds = [train_mnist.process_seed(7, rank) for rank in range(4)]
+    import exact_resume
+    seeds = [exact_resume.process_seed(7, rank) for rank in range(4)]
     assert seeds[0] == 7  # a single process seeds as without ChainerMN
     assert len(set(seeds)) == 4
-    assert seeds == [train_mnist.process_seed(7, rank) for rank in range(4)]
-    assert train_mnist.process_seed(8, 1) not in seeds
+    assert seeds == [exact_resume.process_seed(7, rank) for rank in range(4)]
+    assert exact_resume.process_seed(8, 1) not in seeds
 
 
 class _Info(dict):
@@ -828,17 +828,17 @@ class _Info(dict):
 
 
 def test_which_mpi_takes_gpu_arrays():
-    import train_mnist
+    import distributed
 
     def comm(**info):
         return types.SimpleNamespace(Get_info=lambda: _Info(info))
 
     # PyPI's MPICH; Open MPI built with CUDA; an MPI older than 4.1.
-    assert train_mnist.mpi_takes_gpu_arrays(
+    assert distributed.mpi_takes_gpu_arrays(
         comm(mpi_memory_alloc_kinds='mpi,system')) is False
-    assert train_mnist.mpi_takes_gpu_arrays(comm(
+    assert distributed.mpi_takes_gpu_arrays(comm(
         mpi_memory_alloc_kinds='system,mpi,cuda:device,cuda:host')) is True
-    assert train_mnist.mpi_takes_gpu_arrays(comm()) is None
+    assert distributed.mpi_takes_gpu_arrays(comm()) is None
 
 
 # --- ChainerMN: two processes on the CPU ----------------------------------
