@@ -30,6 +30,8 @@ import numpy
 
 import chainer
 import chainer.functions as F
+from deformable.arguments import int_pair
+from deformable.geometry import tap_grid
 
 import mnist_data
 from models import KINDS
@@ -132,9 +134,11 @@ def _bilinear(field, y, x):
 def taps(conv, offset, y, x, mask=None):
     """Where the taps of output ``(y, x)`` of a convolution sample.
 
-    ``conv`` gives ``ksize``, ``stride`` and ``pad`` (pairs). As in
-    ``deformable.deformable_convolution_2d_sampler``, tap ``k``
-    samples at ``(y*sy - ph + k//kw + dy_k, x*sx - pw + k%kw + dx_k)``; the
+    ``conv`` gives ``ksize``, ``stride``, ``pad`` and ``dilate`` (pairs).
+    Tap ``k`` samples where the library's one definition puts it
+    (:func:`deformable.geometry.tap_grid`, as
+    ``deformable.deformable_convolution_2d_sampler`` does): at row
+    ``grid_y[k // kw] + dy_k`` and column ``grid_x[k % kw] + dx_k``; the
     first ``kh*kw`` offset channels are ``dx``, the last ``dy``. ``offset``
     is ``(2*kh*kw, H, W)`` or ``None`` (a regular conv), ``mask`` (DCNv2)
     ``(kh*kw, H, W)`` or ``None``; ``(y, x)`` may be fractional (the offsets
@@ -144,12 +148,11 @@ def taps(conv, offset, y, x, mask=None):
         ``(points, modulation)``: ``(kh*kw, 2)`` array of ``(y, x)`` and
         ``(kh*kw,)`` the mask at each tap (ones without one).
     """
-    kh, kw = conv.ksize
-    sy, sx = conv.stride
-    ph, pw = conv.pad
+    (kh, kw), (sy, sx), (ph, pw), (dil_y, dil_x) = (
+        conv.ksize, conv.stride, conv.pad, conv.dilate)
     k = numpy.arange(kh * kw)
-    ys = y * sy - ph + k // kw
-    xs = x * sx - pw + k % kw
+    ys = tap_grid(y, sy, ph, kh, dil_y)[k // kw]
+    xs = tap_grid(x, sx, pw, kw, dil_x)[k % kw]
     if offset is not None:
         d = _bilinear(offset, y, x)
         xs = xs + d[:kh * kw]
@@ -161,17 +164,14 @@ def taps(conv, offset, y, x, mask=None):
     return points, modulation
 
 
-def _pair(value):
-    return value if isinstance(value, tuple) else (value, value)
-
-
 class _Geometry(object):
-    # The ksize/stride/pad of a conv, whichever link class holds it.
+    # The ksize/stride/pad/dilate of a conv, whichever link class holds it.
     def __init__(self, link):
         conv = link.deform_conv if hasattr(link, 'deform_conv') else link
-        self.ksize = _pair(conv.ksize)
-        self.stride = _pair(conv.stride)
-        self.pad = _pair(conv.pad)
+        self.ksize = int_pair(conv.ksize, 'ksize', 1)
+        self.stride = int_pair(conv.stride, 'stride', 1)
+        self.pad = int_pair(conv.pad, 'pad', 0)
+        self.dilate = int_pair(conv.dilate, 'dilate', 1)
 
 
 def sampling_locations(model, img):

@@ -405,39 +405,99 @@ def test_sizes_are_checked(scaled):
 
 # --- geometry of the visualizer ------------------------------------------
 
-def test_taps_match_the_sampler():
+# (ksize, stride, pad, dilate): the experiment's layers, dilated ones, and a
+# rectangular kernel whose axes differ in every one.
+TAP_GEOMETRIES = [(3, 1, 1, 1), (3, 1, 2, 2), (3, 2, 1, 2),
+                  ((2, 3), (2, 1), (1, 2), (1, 2))]
+
+
+def _coordinates_and_tap_weights(h, w, ksize):
+    """An image whose two channels hold each pixel's row and column, and
+    weights making output channel 2k (2k+1) tap k's row (column): bilinear
+    sampling of the coordinates returns the point sampled."""
+    rows, cols = numpy.mgrid[:h, :w].astype(numpy.float64)
+    kh, kw = ksize if isinstance(ksize, tuple) else (ksize, ksize)
+    W = numpy.zeros((2 * kh * kw, 2, kh, kw))
+    for k in range(kh * kw):
+        W[2 * k, 0, k // kw, k % kw] = W[2 * k + 1, 1, k // kw, k % kw] = 1
+    return numpy.stack((rows, cols))[None], W
+
+
+def _compare_inside(points, sampled, h, w, modulation=None):
+    """Asserts that ``points`` (times ``modulation``) equal ``sampled``,
+    both ``(taps, 2)``, where a point lies inside the image (outside,
+    samples blend with the zeros beyond it); returns how many did."""
+    inside = ((0 <= points[:, 0]) & (points[:, 0] <= h - 1)
+              & (0 <= points[:, 1]) & (points[:, 1] <= w - 1))
+    if modulation is not None:
+        points = points * modulation[:, None]
+    numpy.testing.assert_allclose(points[inside], sampled[inside],
+                                  atol=1e-10)
+    return inside.sum()
+
+
+@pytest.mark.parametrize('ksize, stride, pad, dilate', TAP_GEOMETRIES)
+def test_taps_match_the_sampler(ksize, stride, pad, dilate):
+    # The deformable layer's taps, offsets and mask where its sampler puts
+    # them, dilation included.
     import chainer
     import deformable
     import test_mnist
+    h, w = 12, 13
+    x, W = _coordinates_and_tap_weights(h, w, ksize)
+    n_taps = len(W) // 2
+    with chainer.using_config('dtype', numpy.float64):
+        layer = deformable.DeformableConvolution2D(
+            2, len(W), ksize, stride, pad, dilate=dilate, deform_nobias=True,
+            deform_initialW=W, modulated=True)
+    geometry = test_mnist._Geometry(layer)
+    out_h, out_w = layer.offset_conv(x).shape[2:]
     rng = numpy.random.RandomState(0)
-    h, w = 9, 11
-    offset = rng.uniform(-1.5, 1.5, (1, 18, h, w)).astype(numpy.float32)
-    # Bilinear sampling of the coordinates themselves returns the sampled
-    # point; output channel 2k (2k+1) is tap k's row (column).
-    rows, cols = numpy.mgrid[:h, :w].astype(numpy.float32)
-    x = numpy.stack((rows, cols))[None]
-    W = numpy.zeros((18, 2, 3, 3), numpy.float32)
-    for k in range(9):
-        W[2 * k, 0, k // 3, k % 3] = W[2 * k + 1, 1, k // 3, k % 3] = 1
-    y = deformable.deformable_convolution_2d_sampler(
-        x, offset, W, stride=1, pad=1).array[0]
-    link = chainer.links.Convolution2D(2, 18, 3, pad=1)
-    for i, j in ((4, 5), (3, 7), (5, 3)):  # far enough from the border
-        points, modulation = test_mnist.taps(
-            test_mnist._Geometry(link), offset[0], i, j)
-        numpy.testing.assert_allclose(points[:, 0], y[0::2, i, j], atol=1e-5)
-        numpy.testing.assert_allclose(points[:, 1], y[1::2, i, j], atol=1e-5)
-        assert (modulation == 1).all()
-    # DCNv2: each tap's sample is scaled by its mask, which taps() returns.
-    mask = rng.uniform(0, 1, (1, 9, h, w)).astype(numpy.float32)
-    y_modulated = deformable.deformable_convolution_2d_sampler(
-        x, offset, W, stride=1, pad=1, mask=mask).array[0]
-    for i, j in ((4, 5), (3, 7)):
-        points, modulation = test_mnist.taps(
-            test_mnist._Geometry(link), offset[0], i, j, mask[0])
-        numpy.testing.assert_allclose(
-            points[:, 0] * modulation, y_modulated[0::2, i, j], atol=1e-5)
-        numpy.testing.assert_allclose(modulation, mask[0, :, i, j])
+    offset = rng.uniform(-1.5, 1.5, (1, 2 * n_taps, out_h, out_w))
+    mask = rng.uniform(0, 1, (1, n_taps, out_h, out_w))
+    y = layer.deform_conv(x, offset).array[0]
+    y_modulated = layer.deform_conv(x, offset, mask).array[0]
+    compared = 0
+    for i in range(out_h):
+        for j in range(out_w):
+            points, modulation = test_mnist.taps(geometry, offset[0], i, j)
+            sampled = numpy.stack((y[0::2, i, j], y[1::2, i, j]), axis=1)
+            compared += _compare_inside(points, sampled, h, w)
+            assert (modulation == 1).all()
+            # DCNv2: each tap's sample is scaled by its mask, which taps()
+            # returns.
+            points, modulation = test_mnist.taps(
+                geometry, offset[0], i, j, mask[0])
+            numpy.testing.assert_allclose(modulation, mask[0, :, i, j])
+            sampled = numpy.stack((y_modulated[0::2, i, j],
+                                   y_modulated[1::2, i, j]), axis=1)
+            _compare_inside(points, sampled, h, w, modulation)
+    # Most taps fall inside: the comparison is not vacuous.
+    assert compared > 0.5 * out_h * out_w * n_taps
+
+
+@pytest.mark.parametrize('ksize, stride, pad, dilate', TAP_GEOMETRIES)
+def test_regular_taps_match_the_convolution(ksize, stride, pad, dilate):
+    # A regular convnet's layer (Chainer's link) samples its grid, no
+    # offsets: the taps are where F.convolution_2d reads.
+    import chainer
+    import test_mnist
+    h, w = 12, 13
+    x, W = _coordinates_and_tap_weights(h, w, ksize)
+    n_taps = len(W) // 2
+    conv = chainer.links.Convolution2D(2, len(W), ksize, stride, pad,
+                                       nobias=True, initialW=W,
+                                       dilate=dilate)
+    y = conv(x).array[0]
+    compared = 0
+    for i in range(y.shape[1]):
+        for j in range(y.shape[2]):
+            points, modulation = test_mnist.taps(
+                test_mnist._Geometry(conv), None, i, j)
+            sampled = numpy.stack((y[0::2, i, j], y[1::2, i, j]), axis=1)
+            compared += _compare_inside(points, sampled, h, w)
+            assert (modulation == 1).all()
+    assert compared > 0.5 * y.shape[1] * y.shape[2] * n_taps
 
 
 @pytest.mark.parametrize('deformable', [0, 1, 2])
