@@ -76,6 +76,18 @@ def create_communicator(communicator, gpu):
     return comm, chainer.get_device(comm.intra_rank)
 
 
+def check_on_rank0(comm, check):
+    """Runs ``check()``, which returns an error message or None, on rank 0
+    alone; if it reports an error, every process stops, rank 0 saying
+    why."""
+    error = check() if comm is None or comm.rank == 0 else None
+    if comm is not None:
+        # In a list: ChainerMN's root broadcasts no bare None.
+        error, = comm.bcast_obj([error] if comm.rank == 0 else None)
+    if error:
+        fail(comm, error)
+
+
 def load_on_rank0(comm, load, errors):
     """``load()``'s ``(train, test)``, read by rank 0 alone and scattered
     over the processes (each gets its own contiguous share); and the whole

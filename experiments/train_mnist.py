@@ -38,6 +38,7 @@ import mnist_data
 from models import KINDS
 import plots
 import scaled_mnist
+import writable
 
 
 def positive_int(value):
@@ -118,6 +119,9 @@ def main(argv=None):
         args.communicator, args.gpu)
     rank = 0 if comm is None else comm.rank
     writer = rank == 0  # rank 0 alone prints and writes the results
+    # Before any work, not at the first snapshot an epoch later.
+    distributed.check_on_rank0(
+        comm, lambda: writable.directory_problem(args.out))
     processes = 1 if comm is None else comm.size
 
     if writer:

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import shlex
 import shutil
 import struct
 import subprocess
@@ -718,6 +719,80 @@ def test_train_bad_arguments(trained, args, message):
     assert 'Traceback' not in result.stdout
 
 
+# Places that cannot hold --out, even for root (who ignores permission
+# bits): made in tmp_path, named relative to it; with how the error begins.
+UNWRITABLE_OUTS = [
+    ('file', 'file is a file, not a directory'),
+    ('file/run', 'cannot make file/run: {tmp}/file is a file, not a '
+     'directory'),
+    ('file/a/run', 'cannot make file/a/run: {tmp}/file is a file'),
+    # The kernel refuses: "No such file or directory" for root.
+    ('/proc/deformable-run', 'cannot make /proc/deformable-run in /proc ('),
+]
+
+
+def _one_error_line(result, beginning):
+    """Asserts that the script failed with one line, ``error: `` and what
+    it begins with: nothing else printed, no traceback."""
+    assert result.returncode == 1, result.stdout
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        'error: ' + beginning), result.stdout
+
+
+@pytest.mark.parametrize('out, message', UNWRITABLE_OUTS)
+def test_train_refuses_an_unwritable_out_before_any_work(tmp_path, out,
+                                                         message):
+    # MNIST is missing: an --out checked after loading it would report that.
+    env = _env(str(tmp_path / 'no-mnist'), str(tmp_path / 'xdg'))
+    (tmp_path / 'file').write_text('kept')
+    result = _run([os.path.join(EXPERIMENTS, 'train_mnist.py'), '--out',
+                   out], str(tmp_path), env, ok=False)
+    _one_error_line(result, '--out: ' + message.format(tmp=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['file']
+    assert (tmp_path / 'file').read_text() == 'kept'
+
+
+def _run_over_read_only_fs(args, cwd, env, read_only, files=()):
+    """Runs ``args`` like :func:`_run`, in a mount namespace of its own
+    where the directory ``read_only`` is a read-only file system holding
+    copies of ``files`` (the only way to refuse root a write); skips where
+    this system does not allow such namespaces."""
+    if shutil.which('unshare') is None:
+        pytest.skip('needs unshare (util-linux)')
+    read_only.mkdir()
+    directory = shlex.quote(str(read_only))
+    mount = ' && '.join(
+        ['mount -t tmpfs tmpfs ' + directory]
+        + ['cp {} {}'.format(shlex.quote(str(f)), directory) for f in files]
+        + ['mount -o remount,ro ' + directory])
+    unshare = ['unshare', '--map-root-user', '--mount', 'sh', '-c']
+    # Mounted and refusing writes, or this system cannot do it.
+    probe = mount + ' && ! touch {}/x 2>/dev/null'.format(directory)
+    if subprocess.run(unshare + [probe],
+                      stderr=subprocess.DEVNULL).returncode != 0:
+        pytest.skip('cannot mount a read-only file system in a namespace '
+                    'here')
+    return subprocess.run(
+        unshare + [mount + ' && exec "$@"', 'sh', sys.executable, '-W',
+                   'ignore'] + args,
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        universal_newlines=True, timeout=300)
+
+
+@pytest.mark.parametrize('out, message', [
+    ('read-only', 'cannot write in read-only (Read-only file system)'),
+    ('read-only/run', 'cannot make read-only/run in {tmp}/read-only '
+     '(Read-only file system)'),
+])
+def test_train_refuses_a_read_only_file_system(tmp_path, out, message):
+    env = _env(str(tmp_path / 'no-mnist'), str(tmp_path / 'xdg'))
+    result = _run_over_read_only_fs(
+        [os.path.join(EXPERIMENTS, 'train_mnist.py'), '--out', out],
+        str(tmp_path), env, tmp_path / 'read-only')
+    _one_error_line(result, '--out: ' + message.format(tmp=tmp_path))
+
+
 def _damage(path, how):
     data = bytearray(path.read_bytes())
     if how == 'truncated':
@@ -1026,6 +1101,38 @@ def test_two_process_snapshot_needs_two_processes(two_processes, tmp_path):
     assert ('written by a run with mpiexec -n 2, this one has mpiexec -n 1'
             in result.stdout)
     assert not (tmp_path / 'out').exists()
+
+
+def test_only_rank_0_needs_a_writable_out(tmp_path):
+    # Rank 0 alone writes; the others' --out is never used.
+    pytest.importorskip('mpi4py')
+    env = _env(str(tmp_path / 'no-mnist'), str(tmp_path / 'xdg'))
+    (tmp_path / 'file').write_text('kept')
+    script = [sys.executable, '-W', 'ignore',
+              os.path.join(EXPERIMENTS, 'train_mnist.py'), '--communicator',
+              'naive']
+
+    def two_processes(out_0, out_1):
+        return subprocess.run(
+            [MPIEXEC, '-n', '1'] + script + ['--out', out_0, ':', '-n', '1']
+            + script + ['--out', out_1], cwd=str(tmp_path), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True, timeout=120)
+
+    # Rank 0's cannot be written: both stop before any work, rank 0 says
+    # why, once.
+    result = two_processes('file/run', 'rank1-out')
+    assert result.returncode != 0
+    assert result.stdout.strip().splitlines() == [
+        'error: --out: cannot make file/run: {}/file is a file, not a '
+        'directory'.format(tmp_path)], result.stdout
+    # Rank 1's alone: the run goes on, to the next thing that fails (MNIST
+    # is missing).
+    result = two_processes('run', 'file/run')
+    assert result.returncode != 0
+    assert 'lacks train-images-idx3-ubyte' in result.stdout
+    assert '--out' not in result.stdout, result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['file']
 
 
 def test_mnist_data_script_reports_a_bad_dir(tmp_path):
