@@ -10,7 +10,8 @@ was never interrupted it needs more, which the extensions here keep in it:
 * :class:`RunFlags`: the flags the run must share with the one that wrote
   the snapshot, so that a snapshot of another run is refused.
 
-:func:`resume` loads a snapshot with both checks, before anything is written.
+:func:`resume` loads a snapshot with both checks, and refuses one that has
+trained as far as asked already, before anything is written.
 """
 
 import pickle
@@ -129,13 +130,15 @@ class RunFlags(training.Extension):
                     '{2}'.format(self.NAMES[key], saved, value))
 
 
-def resume(trainer, path, flags):
-    """Loads a trainer snapshot into ``trainer``; returns an error message
-    (None on success).
+def resume(trainer, path, flags, epochs):
+    """Loads a trainer snapshot into ``trainer``, which is to train until
+    ``epochs`` (``--epoch``); returns an error message (None on success).
 
     ``flags``, a :class:`RunFlags` of the trainer, are read first: a
     snapshot of a run with other flags is refused, naming the flag, before
-    anything of it is loaded.
+    anything of it is loaded. So is a snapshot written at or after
+    ``epochs``: Chainer's stop trigger would carry on to the next multiple
+    of ``epochs`` without a word.
     """
     try:
         snapshots.load_npz(path, flags,
@@ -155,4 +158,10 @@ def resume(trainer, path, flags):
             zipfile.BadZipFile, zlib.error) as e:
         return 'cannot resume from {}: unreadable ({}): not a trainer ' \
             'snapshot, or a truncated or damaged one.'.format(path, e)
+    done = trainer.updater.epoch
+    if epochs <= done:
+        return 'cannot resume from {0}: it was written after epoch {1}, ' \
+            'and --epoch {2} is the epoch to end at, not a number of ' \
+            'epochs to add: pass --epoch {3} or more to train on.'.format(
+                path, done, epochs, done + 1)
     return None

@@ -196,7 +196,8 @@ def main(argv=None):
 
     # Before anything is written to --out.
     if args.resume is not None:
-        error = exact_resume.resume(trainer, args.resume, flags)
+        error = exact_resume.resume(trainer, args.resume, flags,
+                                    args.epoch)
         if error:
             distributed.fail(comm, error)
     distributed.start_from_rank0s_weights(comm, model, optimizer)

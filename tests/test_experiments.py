@@ -821,10 +821,18 @@ def _contents(directory):
     (None, ['--train-size', '60'],
      'with --train-size 100, this one has --train-size 60'),
     (None, ['--resume', 'run/model_iter_2'], 'not a trainer snapshot'),
+    # --epoch is where to end, so these have nothing to train: Chainer would
+    # go on to epoch 4 (the next multiple of 2), or 3.
+    (None, ['--epoch', '2'], 'cannot resume from run/snapshot_deformable_2: '
+     'it was written after epoch 2, and --epoch 2 is the epoch to end at, '
+     'not a number of epochs to add: pass --epoch 3 or more to train on.'),
+    (None, ['--epoch', '1'], 'written after epoch 2, and --epoch 1 is the '
+     'epoch to end at'),
 ])
 def test_resume_refuses_and_leaves_the_run_as_it_was(
         trained, tmp_path, damage, args, message):
-    # Resuming the deformable run (2 epochs) to epoch 3 in its directory.
+    # Resuming the deformable run (2 epochs) in its directory, to epoch 3
+    # unless args say otherwise.
     _, env, out, _ = trained
     run = tmp_path / 'run'
     shutil.copytree(str(out / '1'), str(run))
