@@ -38,6 +38,7 @@ from models import KINDS
 from models import kind_of
 import scaled_mnist
 import snapshots
+import writable
 
 
 # Where trainer snapshots keep the predictor's parameters.
@@ -314,6 +315,8 @@ def parse_args(argv=None):
     if not 0 < args.threshold < 1:
         parser.error('--threshold must be in (0, 1), got {}'.format(
             args.threshold))
+    if args.out is not None:
+        _refuse_unwritable(args.out, '--out')  # before loading anything
     try:
         args.models = [load_model(args.resume, args.deformable)]
         if args.compare is not None:
@@ -322,7 +325,22 @@ def parse_args(argv=None):
         parser.error(str(e))
     if args.out is None:
         args.out = args.resume + '_vis.png'
+        _refuse_unwritable(args.out, '--out (by default next to --resume)')
     return args
+
+
+def _refuse_unwritable(out, flag):
+    """Stops, in one line, if the picture could not be saved as ``out``:
+    a problem found only after drawing it would waste the work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    problem = writable.file_problem(out, flag)
+    extension = os.path.splitext(out)[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if problem is None and extension and extension not in formats:
+        problem = '{}: matplotlib cannot write .{} files (only {})'.format(
+            flag, extension, ', '.join(sorted(formats)))
+    if problem:
+        raise SystemExit('error: ' + problem)
 
 
 def main(argv=None):

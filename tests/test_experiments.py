@@ -793,6 +793,46 @@ def test_train_refuses_a_read_only_file_system(tmp_path, out, message):
     _one_error_line(result, '--out: ' + message.format(tmp=tmp_path))
 
 
+@pytest.mark.parametrize('out, message', [
+    ('file/vis.png', 'file is a file, not a directory'),
+    ('file/a/vis.png', 'cannot make file/a: {tmp}/file is a file'),
+    ('directory', 'directory is a directory; name a file'),
+    ('/proc/vis.png', 'cannot write in /proc ('),
+    ('vis.xyz', 'matplotlib cannot write .xyz files (only '),
+])
+def test_visualize_refuses_an_unwritable_out_before_any_work(tmp_path, out,
+                                                             message):
+    # --resume names no file: an --out checked after loading the model (or
+    # MNIST, which is missing too) would report that.
+    env = _env(str(tmp_path / 'no-mnist'), str(tmp_path / 'xdg'))
+    (tmp_path / 'file').write_text('kept')
+    (tmp_path / 'directory').mkdir()
+    result = _run([os.path.join(EXPERIMENTS, 'test_mnist.py'), '--resume',
+                   'missing', '--out', out], str(tmp_path), env, ok=False)
+    _one_error_line(result, '--out: ' + message.format(tmp=tmp_path))
+    # Nothing new but matplotlib's font cache (in XDG_CACHE_HOME).
+    assert {p.name for p in tmp_path.iterdir()} <= {'directory', 'file',
+                                                    'xdg'}
+    assert (tmp_path / 'file').read_text() == 'kept'
+    assert list((tmp_path / 'directory').iterdir()) == []
+
+
+@pytest.mark.parametrize('out', [None, 'read-only/vis.png'])
+def test_visualize_refuses_a_read_only_file_system(trained, tmp_path, out):
+    # The model is copied onto the read-only file system; by default the
+    # picture goes next to it. MNIST is missing, so no work is done.
+    _, _, trained_out, _ = trained
+    env = _env(str(tmp_path / 'no-mnist'), str(tmp_path / 'xdg'))
+    result = _run_over_read_only_fs(
+        [os.path.join(EXPERIMENTS, 'test_mnist.py'), '--resume',
+         'read-only/model_iter_2'] + ([] if out is None else ['--out', out]),
+        str(tmp_path), env, tmp_path / 'read-only',
+        files=[trained_out / '1' / 'model_iter_2'])
+    _one_error_line(result, '--out{}: cannot write in read-only (Read-only '
+                    'file system)'.format(' (by default next to --resume)'
+                                          if out is None else ''))
+
+
 def _damage(path, how):
     data = bytearray(path.read_bytes())
     if how == 'truncated':
