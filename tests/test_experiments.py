@@ -719,6 +719,30 @@ def test_train_bad_arguments(trained, args, message):
     assert 'Traceback' not in result.stdout
 
 
+def test_out_check_leaves_nothing_behind(tmp_path):
+    import writable
+    (tmp_path / 'run').mkdir()
+    assert writable.directory_problem(str(tmp_path / 'run')) is None
+    # One that can be made is not made.
+    assert writable.directory_problem(str(tmp_path / 'new' / 'run')) is None
+    assert list(tmp_path.rglob('*')) == [tmp_path / 'run']
+
+
+def test_out_check_reads_permissions(tmp_path):
+    import writable
+    if os.geteuid() == 0:
+        pytest.skip('root ignores permission bits (the read-only file system '
+                    'tests refuse root)')
+    (tmp_path / 'locked').mkdir(mode=0o555)
+    assert writable.directory_problem(str(tmp_path / 'locked')) == (
+        '--out: cannot write in {} (Permission denied)'.format(
+            tmp_path / 'locked'))
+    assert writable.file_problem(str(tmp_path / 'locked' / 'new' / 'v.png'),
+                                 '--out') == (
+        '--out: cannot make {0}/new in {0} (Permission denied)'.format(
+            tmp_path / 'locked'))
+
+
 # Places that cannot hold --out, even for root (who ignores permission
 # bits): made in tmp_path, named relative to it; with how the error begins.
 UNWRITABLE_OUTS = [
