@@ -764,17 +764,46 @@ def _one_error_line(result, beginning):
         'error: ' + beginning), result.stdout
 
 
+@pytest.fixture
+def without_mnist(tmp_path, monkeypatch):
+    """tmp_path as the working directory, holding a regular file and an
+    empty directory, with MNIST missing: a script that reads it fails."""
+    monkeypatch.setenv(mnist_data.ENV_DIR, str(tmp_path / 'no-mnist'))
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    # Importing train_mnist sets it unless set: undone after the test.
+    monkeypatch.setenv('OPENBLAS_THREAD_TIMEOUT', '4')
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'file').write_text('kept')
+    (tmp_path / 'directory').mkdir()
+    return tmp_path
+
+
+def _unchanged(tmp_path):
+    # Nothing new but matplotlib's font cache (in XDG_CACHE_HOME).
+    assert {p.name for p in tmp_path.iterdir()} <= {'directory', 'file',
+                                                    'xdg'}
+    assert (tmp_path / 'file').read_text() == 'kept'
+    assert list((tmp_path / 'directory').iterdir()) == []
+
+
+def _error_of(main, argv):
+    """What ``main(argv)`` stops with: Python prints a SystemExit's message
+    alone, as one line without a traceback (the read-only file system
+    tests see it so in a subprocess)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code
+
+
 @pytest.mark.parametrize('out, message', UNWRITABLE_OUTS)
-def test_train_refuses_an_unwritable_out_before_any_work(tmp_path, out,
+def test_train_refuses_an_unwritable_out_before_any_work(without_mnist, out,
                                                          message):
     # MNIST is missing: an --out checked after loading it would report that.
-    env = _env(str(tmp_path / 'no-mnist'), str(tmp_path / 'xdg'))
-    (tmp_path / 'file').write_text('kept')
-    result = _run([os.path.join(EXPERIMENTS, 'train_mnist.py'), '--out',
-                   out], str(tmp_path), env, ok=False)
-    _one_error_line(result, '--out: ' + message.format(tmp=tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['file']
-    assert (tmp_path / 'file').read_text() == 'kept'
+    import train_mnist
+    error = _error_of(train_mnist.main, ['--out', out])
+    assert error.startswith('error: --out: ' + message.format(
+        tmp=without_mnist)), error
+    _unchanged(without_mnist)
 
 
 def _run_over_read_only_fs(args, cwd, env, read_only, files=()):
@@ -824,21 +853,15 @@ def test_train_refuses_a_read_only_file_system(tmp_path, out, message):
     ('/proc/vis.png', 'cannot write in /proc ('),
     ('vis.xyz', 'matplotlib cannot write .xyz files (only '),
 ])
-def test_visualize_refuses_an_unwritable_out_before_any_work(tmp_path, out,
-                                                             message):
+def test_visualize_refuses_an_unwritable_out_before_any_work(
+        without_mnist, out, message):
     # --resume names no file: an --out checked after loading the model (or
     # MNIST, which is missing too) would report that.
-    env = _env(str(tmp_path / 'no-mnist'), str(tmp_path / 'xdg'))
-    (tmp_path / 'file').write_text('kept')
-    (tmp_path / 'directory').mkdir()
-    result = _run([os.path.join(EXPERIMENTS, 'test_mnist.py'), '--resume',
-                   'missing', '--out', out], str(tmp_path), env, ok=False)
-    _one_error_line(result, '--out: ' + message.format(tmp=tmp_path))
-    # Nothing new but matplotlib's font cache (in XDG_CACHE_HOME).
-    assert {p.name for p in tmp_path.iterdir()} <= {'directory', 'file',
-                                                    'xdg'}
-    assert (tmp_path / 'file').read_text() == 'kept'
-    assert list((tmp_path / 'directory').iterdir()) == []
+    import test_mnist
+    error = _error_of(test_mnist.main, ['--resume', 'missing', '--out', out])
+    assert error.startswith('error: --out: ' + message.format(
+        tmp=without_mnist)), error
+    _unchanged(without_mnist)
 
 
 @pytest.mark.parametrize('out', [None, 'read-only/vis.png'])
