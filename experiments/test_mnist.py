@@ -30,12 +30,15 @@ import numpy
 
 import chainer
 import chainer.functions as F
+from deformable.arguments import int_pair
+from deformable.geometry import tap_grid
 
 import mnist_data
 from models import KINDS
 from models import kind_of
 import scaled_mnist
 import snapshots
+import writable
 
 
 # Where trainer snapshots keep the predictor's parameters.
@@ -132,9 +135,11 @@ def _bilinear(field, y, x):
 def taps(conv, offset, y, x, mask=None):
     """Where the taps of output ``(y, x)`` of a convolution sample.
 
-    ``conv`` gives ``ksize``, ``stride`` and ``pad`` (pairs). As in
-    ``deformable.deformable_convolution_2d_sampler``, tap ``k``
-    samples at ``(y*sy - ph + k//kw + dy_k, x*sx - pw + k%kw + dx_k)``; the
+    ``conv`` gives ``ksize``, ``stride``, ``pad`` and ``dilate`` (pairs).
+    Tap ``k`` samples where the library's one definition puts it
+    (:func:`deformable.geometry.tap_grid`, as
+    ``deformable.deformable_convolution_2d_sampler`` does): at row
+    ``grid_y[k // kw] + dy_k`` and column ``grid_x[k % kw] + dx_k``; the
     first ``kh*kw`` offset channels are ``dx``, the last ``dy``. ``offset``
     is ``(2*kh*kw, H, W)`` or ``None`` (a regular conv), ``mask`` (DCNv2)
     ``(kh*kw, H, W)`` or ``None``; ``(y, x)`` may be fractional (the offsets
@@ -144,12 +149,11 @@ def taps(conv, offset, y, x, mask=None):
         ``(points, modulation)``: ``(kh*kw, 2)`` array of ``(y, x)`` and
         ``(kh*kw,)`` the mask at each tap (ones without one).
     """
-    kh, kw = conv.ksize
-    sy, sx = conv.stride
-    ph, pw = conv.pad
+    (kh, kw), (sy, sx), (ph, pw), (dil_y, dil_x) = (
+        conv.ksize, conv.stride, conv.pad, conv.dilate)
     k = numpy.arange(kh * kw)
-    ys = y * sy - ph + k // kw
-    xs = x * sx - pw + k % kw
+    ys = tap_grid(y, sy, ph, kh, dil_y)[k // kw]
+    xs = tap_grid(x, sx, pw, kw, dil_x)[k % kw]
     if offset is not None:
         d = _bilinear(offset, y, x)
         xs = xs + d[:kh * kw]
@@ -161,17 +165,14 @@ def taps(conv, offset, y, x, mask=None):
     return points, modulation
 
 
-def _pair(value):
-    return value if isinstance(value, tuple) else (value, value)
-
-
 class _Geometry(object):
-    # The ksize/stride/pad of a conv, whichever link class holds it.
+    # The ksize/stride/pad/dilate of a conv, whichever link class holds it.
     def __init__(self, link):
         conv = link.deform_conv if hasattr(link, 'deform_conv') else link
-        self.ksize = _pair(conv.ksize)
-        self.stride = _pair(conv.stride)
-        self.pad = _pair(conv.pad)
+        self.ksize = int_pair(conv.ksize, 'ksize', 1)
+        self.stride = int_pair(conv.stride, 'stride', 1)
+        self.pad = int_pair(conv.pad, 'pad', 0)
+        self.dilate = int_pair(conv.dilate, 'dilate', 1)
 
 
 def sampling_locations(model, img):
@@ -314,6 +315,8 @@ def parse_args(argv=None):
     if not 0 < args.threshold < 1:
         parser.error('--threshold must be in (0, 1), got {}'.format(
             args.threshold))
+    if args.out is not None:
+        _refuse_unwritable(args.out, '--out')  # before loading anything
     try:
         args.models = [load_model(args.resume, args.deformable)]
         if args.compare is not None:
@@ -322,7 +325,22 @@ def parse_args(argv=None):
         parser.error(str(e))
     if args.out is None:
         args.out = args.resume + '_vis.png'
+        _refuse_unwritable(args.out, '--out (by default next to --resume)')
     return args
+
+
+def _refuse_unwritable(out, flag):
+    """Stops, in one line, if the picture could not be saved as ``out``:
+    a problem found only after drawing it would waste the work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    problem = writable.file_problem(out, flag)
+    extension = os.path.splitext(out)[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if problem is None and extension and extension not in formats:
+        problem = '{}: matplotlib cannot write .{} files (only {})'.format(
+            flag, extension, ', '.join(sorted(formats)))
+    if problem:
+        raise SystemExit('error: ' + problem)
 
 
 def main(argv=None):

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import shlex
 import shutil
 import struct
 import subprocess
@@ -405,39 +406,99 @@ def test_sizes_are_checked(scaled):
 
 # --- geometry of the visualizer ------------------------------------------
 
-def test_taps_match_the_sampler():
+# (ksize, stride, pad, dilate): the experiment's layers, dilated ones, and a
+# rectangular kernel whose axes differ in every one.
+TAP_GEOMETRIES = [(3, 1, 1, 1), (3, 1, 2, 2), (3, 2, 1, 2),
+                  ((2, 3), (2, 1), (1, 2), (1, 2))]
+
+
+def _coordinates_and_tap_weights(h, w, ksize):
+    """An image whose two channels hold each pixel's row and column, and
+    weights making output channel 2k (2k+1) tap k's row (column): bilinear
+    sampling of the coordinates returns the point sampled."""
+    rows, cols = numpy.mgrid[:h, :w].astype(numpy.float64)
+    kh, kw = ksize if isinstance(ksize, tuple) else (ksize, ksize)
+    W = numpy.zeros((2 * kh * kw, 2, kh, kw))
+    for k in range(kh * kw):
+        W[2 * k, 0, k // kw, k % kw] = W[2 * k + 1, 1, k // kw, k % kw] = 1
+    return numpy.stack((rows, cols))[None], W
+
+
+def _compare_inside(points, sampled, h, w, modulation=None):
+    """Asserts that ``points`` (times ``modulation``) equal ``sampled``,
+    both ``(taps, 2)``, where a point lies inside the image (outside,
+    samples blend with the zeros beyond it); returns how many did."""
+    inside = ((0 <= points[:, 0]) & (points[:, 0] <= h - 1)
+              & (0 <= points[:, 1]) & (points[:, 1] <= w - 1))
+    if modulation is not None:
+        points = points * modulation[:, None]
+    numpy.testing.assert_allclose(points[inside], sampled[inside],
+                                  atol=1e-10)
+    return inside.sum()
+
+
+@pytest.mark.parametrize('ksize, stride, pad, dilate', TAP_GEOMETRIES)
+def test_taps_match_the_sampler(ksize, stride, pad, dilate):
+    # The deformable layer's taps, offsets and mask where its sampler puts
+    # them, dilation included.
     import chainer
     import deformable
     import test_mnist
+    h, w = 12, 13
+    x, W = _coordinates_and_tap_weights(h, w, ksize)
+    n_taps = len(W) // 2
+    with chainer.using_config('dtype', numpy.float64):
+        layer = deformable.DeformableConvolution2D(
+            2, len(W), ksize, stride, pad, dilate=dilate, deform_nobias=True,
+            deform_initialW=W, modulated=True)
+    geometry = test_mnist._Geometry(layer)
+    out_h, out_w = layer.offset_conv(x).shape[2:]
     rng = numpy.random.RandomState(0)
-    h, w = 9, 11
-    offset = rng.uniform(-1.5, 1.5, (1, 18, h, w)).astype(numpy.float32)
-    # Bilinear sampling of the coordinates themselves returns the sampled
-    # point; output channel 2k (2k+1) is tap k's row (column).
-    rows, cols = numpy.mgrid[:h, :w].astype(numpy.float32)
-    x = numpy.stack((rows, cols))[None]
-    W = numpy.zeros((18, 2, 3, 3), numpy.float32)
-    for k in range(9):
-        W[2 * k, 0, k // 3, k % 3] = W[2 * k + 1, 1, k // 3, k % 3] = 1
-    y = deformable.deformable_convolution_2d_sampler(
-        x, offset, W, stride=1, pad=1).array[0]
-    link = chainer.links.Convolution2D(2, 18, 3, pad=1)
-    for i, j in ((4, 5), (3, 7), (5, 3)):  # far enough from the border
-        points, modulation = test_mnist.taps(
-            test_mnist._Geometry(link), offset[0], i, j)
-        numpy.testing.assert_allclose(points[:, 0], y[0::2, i, j], atol=1e-5)
-        numpy.testing.assert_allclose(points[:, 1], y[1::2, i, j], atol=1e-5)
-        assert (modulation == 1).all()
-    # DCNv2: each tap's sample is scaled by its mask, which taps() returns.
-    mask = rng.uniform(0, 1, (1, 9, h, w)).astype(numpy.float32)
-    y_modulated = deformable.deformable_convolution_2d_sampler(
-        x, offset, W, stride=1, pad=1, mask=mask).array[0]
-    for i, j in ((4, 5), (3, 7)):
-        points, modulation = test_mnist.taps(
-            test_mnist._Geometry(link), offset[0], i, j, mask[0])
-        numpy.testing.assert_allclose(
-            points[:, 0] * modulation, y_modulated[0::2, i, j], atol=1e-5)
-        numpy.testing.assert_allclose(modulation, mask[0, :, i, j])
+    offset = rng.uniform(-1.5, 1.5, (1, 2 * n_taps, out_h, out_w))
+    mask = rng.uniform(0, 1, (1, n_taps, out_h, out_w))
+    y = layer.deform_conv(x, offset).array[0]
+    y_modulated = layer.deform_conv(x, offset, mask).array[0]
+    compared = 0
+    for i in range(out_h):
+        for j in range(out_w):
+            points, modulation = test_mnist.taps(geometry, offset[0], i, j)
+            sampled = numpy.stack((y[0::2, i, j], y[1::2, i, j]), axis=1)
+            compared += _compare_inside(points, sampled, h, w)
+            assert (modulation == 1).all()
+            # DCNv2: each tap's sample is scaled by its mask, which taps()
+            # returns.
+            points, modulation = test_mnist.taps(
+                geometry, offset[0], i, j, mask[0])
+            numpy.testing.assert_allclose(modulation, mask[0, :, i, j])
+            sampled = numpy.stack((y_modulated[0::2, i, j],
+                                   y_modulated[1::2, i, j]), axis=1)
+            _compare_inside(points, sampled, h, w, modulation)
+    # Most taps fall inside: the comparison is not vacuous.
+    assert compared > 0.5 * out_h * out_w * n_taps
+
+
+@pytest.mark.parametrize('ksize, stride, pad, dilate', TAP_GEOMETRIES)
+def test_regular_taps_match_the_convolution(ksize, stride, pad, dilate):
+    # A regular convnet's layer (Chainer's link) samples its grid, no
+    # offsets: the taps are where F.convolution_2d reads.
+    import chainer
+    import test_mnist
+    h, w = 12, 13
+    x, W = _coordinates_and_tap_weights(h, w, ksize)
+    n_taps = len(W) // 2
+    conv = chainer.links.Convolution2D(2, len(W), ksize, stride, pad,
+                                       nobias=True, initialW=W,
+                                       dilate=dilate)
+    y = conv(x).array[0]
+    compared = 0
+    for i in range(y.shape[1]):
+        for j in range(y.shape[2]):
+            points, modulation = test_mnist.taps(
+                test_mnist._Geometry(conv), None, i, j)
+            sampled = numpy.stack((y[0::2, i, j], y[1::2, i, j]), axis=1)
+            compared += _compare_inside(points, sampled, h, w)
+            assert (modulation == 1).all()
+    assert compared > 0.5 * y.shape[1] * y.shape[2] * n_taps
 
 
 @pytest.mark.parametrize('deformable', [0, 1, 2])
@@ -658,6 +719,167 @@ def test_train_bad_arguments(trained, args, message):
     assert 'Traceback' not in result.stdout
 
 
+def test_out_check_leaves_nothing_behind(tmp_path):
+    import writable
+    (tmp_path / 'run').mkdir()
+    assert writable.directory_problem(str(tmp_path / 'run')) is None
+    # One that can be made is not made.
+    assert writable.directory_problem(str(tmp_path / 'new' / 'run')) is None
+    assert list(tmp_path.rglob('*')) == [tmp_path / 'run']
+
+
+def test_out_check_reads_permissions(tmp_path):
+    import writable
+    if os.geteuid() == 0:
+        pytest.skip('root ignores permission bits (the read-only file system '
+                    'tests refuse root)')
+    (tmp_path / 'locked').mkdir(mode=0o555)
+    assert writable.directory_problem(str(tmp_path / 'locked')) == (
+        '--out: cannot write in {} (Permission denied)'.format(
+            tmp_path / 'locked'))
+    assert writable.file_problem(str(tmp_path / 'locked' / 'new' / 'v.png'),
+                                 '--out') == (
+        '--out: cannot make {0}/new in {0} (Permission denied)'.format(
+            tmp_path / 'locked'))
+
+
+# Places that cannot hold --out, even for root (who ignores permission
+# bits): made in tmp_path, named relative to it; with how the error begins.
+UNWRITABLE_OUTS = [
+    ('file', 'file is a file, not a directory'),
+    ('file/run', 'cannot make file/run: {tmp}/file is a file, not a '
+     'directory'),
+    ('file/a/run', 'cannot make file/a/run: {tmp}/file is a file'),
+    # The kernel refuses: "No such file or directory" for root.
+    ('/proc/deformable-run', 'cannot make /proc/deformable-run in /proc ('),
+]
+
+
+def _one_error_line(result, beginning):
+    """Asserts that the script failed with one line, ``error: `` and what
+    it begins with: nothing else printed, no traceback."""
+    assert result.returncode == 1, result.stdout
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        'error: ' + beginning), result.stdout
+
+
+@pytest.fixture
+def without_mnist(tmp_path, monkeypatch):
+    """tmp_path as the working directory, holding a regular file and an
+    empty directory, with MNIST missing: a script that reads it fails."""
+    monkeypatch.setenv(mnist_data.ENV_DIR, str(tmp_path / 'no-mnist'))
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    # Importing train_mnist sets it unless set: undone after the test.
+    monkeypatch.setenv('OPENBLAS_THREAD_TIMEOUT', '4')
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'file').write_text('kept')
+    (tmp_path / 'directory').mkdir()
+    return tmp_path
+
+
+def _unchanged(tmp_path):
+    # Nothing new but matplotlib's font cache (in XDG_CACHE_HOME).
+    assert {p.name for p in tmp_path.iterdir()} <= {'directory', 'file',
+                                                    'xdg'}
+    assert (tmp_path / 'file').read_text() == 'kept'
+    assert list((tmp_path / 'directory').iterdir()) == []
+
+
+def _error_of(main, argv):
+    """What ``main(argv)`` stops with: Python prints a SystemExit's message
+    alone, as one line without a traceback (the read-only file system
+    tests see it so in a subprocess)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code
+
+
+@pytest.mark.parametrize('out, message', UNWRITABLE_OUTS)
+def test_train_refuses_an_unwritable_out_before_any_work(without_mnist, out,
+                                                         message):
+    # MNIST is missing: an --out checked after loading it would report that.
+    import train_mnist
+    error = _error_of(train_mnist.main, ['--out', out])
+    assert error.startswith('error: --out: ' + message.format(
+        tmp=without_mnist)), error
+    _unchanged(without_mnist)
+
+
+def _run_over_read_only_fs(args, cwd, env, read_only, files=()):
+    """Runs ``args`` like :func:`_run`, in a mount namespace of its own
+    where the directory ``read_only`` is a read-only file system holding
+    copies of ``files`` (the only way to refuse root a write); skips where
+    this system does not allow such namespaces."""
+    if shutil.which('unshare') is None:
+        pytest.skip('needs unshare (util-linux)')
+    read_only.mkdir()
+    directory = shlex.quote(str(read_only))
+    mount = ' && '.join(
+        ['mount -t tmpfs tmpfs ' + directory]
+        + ['cp {} {}'.format(shlex.quote(str(f)), directory) for f in files]
+        + ['mount -o remount,ro ' + directory])
+    unshare = ['unshare', '--map-root-user', '--mount', 'sh', '-c']
+    # Mounted and refusing writes, or this system cannot do it.
+    probe = mount + ' && ! touch {}/x 2>/dev/null'.format(directory)
+    if subprocess.run(unshare + [probe],
+                      stderr=subprocess.DEVNULL).returncode != 0:
+        pytest.skip('cannot mount a read-only file system in a namespace '
+                    'here')
+    return subprocess.run(
+        unshare + [mount + ' && exec "$@"', 'sh', sys.executable, '-W',
+                   'ignore'] + args,
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        universal_newlines=True, timeout=300)
+
+
+@pytest.mark.parametrize('out, message', [
+    ('read-only', 'cannot write in read-only (Read-only file system)'),
+    ('read-only/run', 'cannot make read-only/run in {tmp}/read-only '
+     '(Read-only file system)'),
+])
+def test_train_refuses_a_read_only_file_system(tmp_path, out, message):
+    env = _env(str(tmp_path / 'no-mnist'), str(tmp_path / 'xdg'))
+    result = _run_over_read_only_fs(
+        [os.path.join(EXPERIMENTS, 'train_mnist.py'), '--out', out],
+        str(tmp_path), env, tmp_path / 'read-only')
+    _one_error_line(result, '--out: ' + message.format(tmp=tmp_path))
+
+
+@pytest.mark.parametrize('out, message', [
+    ('file/vis.png', 'file is a file, not a directory'),
+    ('file/a/vis.png', 'cannot make file/a: {tmp}/file is a file'),
+    ('directory', 'directory is a directory; name a file'),
+    ('/proc/vis.png', 'cannot write in /proc ('),
+    ('vis.xyz', 'matplotlib cannot write .xyz files (only '),
+])
+def test_visualize_refuses_an_unwritable_out_before_any_work(
+        without_mnist, out, message):
+    # --resume names no file: an --out checked after loading the model (or
+    # MNIST, which is missing too) would report that.
+    import test_mnist
+    error = _error_of(test_mnist.main, ['--resume', 'missing', '--out', out])
+    assert error.startswith('error: --out: ' + message.format(
+        tmp=without_mnist)), error
+    _unchanged(without_mnist)
+
+
+@pytest.mark.parametrize('out', [None, 'read-only/vis.png'])
+def test_visualize_refuses_a_read_only_file_system(trained, tmp_path, out):
+    # The model is copied onto the read-only file system; by default the
+    # picture goes next to it. MNIST is missing, so no work is done.
+    _, _, trained_out, _ = trained
+    env = _env(str(tmp_path / 'no-mnist'), str(tmp_path / 'xdg'))
+    result = _run_over_read_only_fs(
+        [os.path.join(EXPERIMENTS, 'test_mnist.py'), '--resume',
+         'read-only/model_iter_2'] + ([] if out is None else ['--out', out]),
+        str(tmp_path), env, tmp_path / 'read-only',
+        files=[trained_out / '1' / 'model_iter_2'])
+    _one_error_line(result, '--out{}: cannot write in read-only (Read-only '
+                    'file system)'.format(' (by default next to --resume)'
+                                          if out is None else ''))
+
+
 def _damage(path, how):
     data = bytearray(path.read_bytes())
     if how == 'truncated':
@@ -686,10 +908,18 @@ def _contents(directory):
     (None, ['--train-size', '60'],
      'with --train-size 100, this one has --train-size 60'),
     (None, ['--resume', 'run/model_iter_2'], 'not a trainer snapshot'),
+    # --epoch is where to end, so these have nothing to train: Chainer would
+    # go on to epoch 4 (the next multiple of 2), or 3.
+    (None, ['--epoch', '2'], 'cannot resume from run/snapshot_deformable_2: '
+     'it was written after epoch 2, and --epoch 2 is the epoch to end at, '
+     'not a number of epochs to add: pass --epoch 3 or more to train on.'),
+    (None, ['--epoch', '1'], 'written after epoch 2, and --epoch 1 is the '
+     'epoch to end at'),
 ])
 def test_resume_refuses_and_leaves_the_run_as_it_was(
         trained, tmp_path, damage, args, message):
-    # Resuming the deformable run (2 epochs) to epoch 3 in its directory.
+    # Resuming the deformable run (2 epochs) in its directory, to epoch 3
+    # unless args say otherwise.
     _, env, out, _ = trained
     run = tmp_path / 'run'
     shutil.copytree(str(out / '1'), str(run))
@@ -812,12 +1042,12 @@ def test_communicator_without_mpi4py(tmp_path):
 
 
 def test_process_seeds():
-    import train_mnist
-    seeds = [train_mnist.process_seed(7, rank) for rank in range(4)]
+    import exact_resume
+    seeds = [exact_resume.process_seed(7, rank) for rank in range(4)]
     assert seeds[0] == 7  # a single process seeds as without ChainerMN
     assert len(set(seeds)) == 4
-    assert seeds == [train_mnist.process_seed(7, rank) for rank in range(4)]
-    assert train_mnist.process_seed(8, 1) not in seeds
+    assert seeds == [exact_resume.process_seed(7, rank) for rank in range(4)]
+    assert exact_resume.process_seed(8, 1) not in seeds
 
 
 class _Info(dict):
@@ -828,17 +1058,17 @@ class _Info(dict):
 
 
 def test_which_mpi_takes_gpu_arrays():
-    import train_mnist
+    import distributed
 
     def comm(**info):
         return types.SimpleNamespace(Get_info=lambda: _Info(info))
 
     # PyPI's MPICH; Open MPI built with CUDA; an MPI older than 4.1.
-    assert train_mnist.mpi_takes_gpu_arrays(
+    assert distributed.mpi_takes_gpu_arrays(
         comm(mpi_memory_alloc_kinds='mpi,system')) is False
-    assert train_mnist.mpi_takes_gpu_arrays(comm(
+    assert distributed.mpi_takes_gpu_arrays(comm(
         mpi_memory_alloc_kinds='system,mpi,cuda:device,cuda:host')) is True
-    assert train_mnist.mpi_takes_gpu_arrays(comm()) is None
+    assert distributed.mpi_takes_gpu_arrays(comm()) is None
 
 
 # --- ChainerMN: two processes on the CPU ----------------------------------
@@ -966,6 +1196,38 @@ def test_two_process_snapshot_needs_two_processes(two_processes, tmp_path):
     assert ('written by a run with mpiexec -n 2, this one has mpiexec -n 1'
             in result.stdout)
     assert not (tmp_path / 'out').exists()
+
+
+def test_only_rank_0_needs_a_writable_out(tmp_path):
+    # Rank 0 alone writes; the others' --out is never used.
+    pytest.importorskip('mpi4py')
+    env = _env(str(tmp_path / 'no-mnist'), str(tmp_path / 'xdg'))
+    (tmp_path / 'file').write_text('kept')
+    script = [sys.executable, '-W', 'ignore',
+              os.path.join(EXPERIMENTS, 'train_mnist.py'), '--communicator',
+              'naive']
+
+    def two_processes(out_0, out_1):
+        return subprocess.run(
+            [MPIEXEC, '-n', '1'] + script + ['--out', out_0, ':', '-n', '1']
+            + script + ['--out', out_1], cwd=str(tmp_path), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            universal_newlines=True, timeout=120)
+
+    # Rank 0's cannot be written: both stop before any work, rank 0 says
+    # why, once.
+    result = two_processes('file/run', 'rank1-out')
+    assert result.returncode != 0
+    assert result.stdout.strip().splitlines() == [
+        'error: --out: cannot make file/run: {}/file is a file, not a '
+        'directory'.format(tmp_path)], result.stdout
+    # Rank 1's alone: the run goes on, to the next thing that fails (MNIST
+    # is missing).
+    result = two_processes('run', 'file/run')
+    assert result.returncode != 0
+    assert 'lacks train-images-idx3-ubyte' in result.stdout
+    assert '--out' not in result.stdout, result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['file']
 
 
 def test_mnist_data_script_reports_a_bad_dir(tmp_path):
