@@ -11,6 +11,7 @@ from chainer.utils import type_check
 
 from deformable import arguments
 from deformable import backends
+from deformable import second_order
 
 
 # The op's inputs by name; b and mask may be None.
@@ -174,8 +175,8 @@ class DeformableConvolution2DGradFunction(function_node.FunctionNode):
 
     Inputs are ``(x, offset, W, gy)``, then ``mask`` if there is one;
     outputs the gradients named in ``needed`` (of :data:`GRADIENTS`, in
-    that order), and nothing is computed for the others. Not differentiable
-    itself: double backward through bilinear sampling is not implemented.
+    that order), and nothing is computed for the others. Differentiable
+    itself, to any order (``deformable.second_order``).
     """
 
     GRADIENTS = ('x', 'offset', 'W', 'mask')
@@ -193,6 +194,7 @@ class DeformableConvolution2DGradFunction(function_node.FunctionNode):
         return self._forward(backends.gpu_backend(), inputs)
 
     def _forward(self, backend, inputs):
+        self.retain_inputs(tuple(range(len(inputs))))
         x, offset, W, gy = inputs[:4]
         mask = inputs[4] if len(inputs) == 5 else None
         grads = backend.backward(self.hyperparameters, x, offset, W, gy,
@@ -200,9 +202,9 @@ class DeformableConvolution2DGradFunction(function_node.FunctionNode):
         return tuple(grads[name] for name in self.needed)
 
     def backward(self, indexes, grad_outputs):
-        raise NotImplementedError(
-            'double backward of deformable_convolution_2d_sampler is not '
-            'supported')
+        return second_order.grad_backward(
+            self.hyperparameters, self.get_retained_inputs(), self.needed,
+            grad_outputs, indexes)
 
 
 def deformable_convolution_2d_sampler(x, offset, W, b=None, stride=1, pad=0,
@@ -263,7 +265,8 @@ def deformable_convolution_2d_sampler(x, offset, W, b=None, stride=1, pad=0,
     ``x`` is summed with ``atomicAdd``, so it is not bit-for-bit
     deterministic (``chainer.utils.nondeterministic`` warns when
     ``chainer.config.warn_nondeterministic`` is set); the CPU path is
-    deterministic. Double backward is not supported.
+    deterministic. The gradients are differentiable again, to any order
+    (``deformable.second_order``), with the same forward-difference rule.
 
     float16 inputs are computed in float32 and cast back.
 

@@ -72,3 +72,31 @@ def axis_geometry(pos, low, size):
     clamped = numpy.minimum(numpy.maximum(pos, low), size)
     lower = numpy.fmin(numpy.floor(clamped), size + low)
     return lower, clamped - lower, (pos >= low) & (pos < size)
+
+
+def corner_weights(frac_y, frac_x, inside_y, inside_x, order_y, order_x,
+                   one):
+    """The weights of a sample's four corners (00, 01, 10, 11) in its
+    derivative of order ``(order_y, order_x)`` (each 0 or 1) with respect
+    to its coordinates.
+
+    Order ``(0, 0)`` gives the bilinear weights themselves; ``(1, 0)``,
+    d/dy, ``(-(1 - fx), -fx, 1 - fx, fx)`` where the gradient flows along
+    y (``inside_y``, 1 or 0, from :func:`axis_geometry`); ``(0, 1)``
+    likewise for x; ``(1, 1)``, the cross derivative. Bilinear
+    interpolation is linear along each axis within a cell, so every higher
+    derivative is zero, and at an integer coordinate these are the cell
+    above's (the forward difference, as everywhere).
+
+    Args:
+        frac_y, frac_x, inside_y, inside_x: From :func:`axis_geometry`, the
+            flags as 0 or 1 of the fractions' dtype.
+        one: 1 in the fractions' dtype.
+    """
+    # Along each axis, the lower and upper corner's weight: 1 - f and f, or
+    # their derivative where it flows.
+    y0, y1 = ((one - frac_y, frac_y) if order_y == 0
+              else (-inside_y, inside_y))
+    x0, x1 = ((one - frac_x, frac_x) if order_x == 0
+              else (-inside_x, inside_x))
+    return y0 * x0, y0 * x1, y1 * x0, y1 * x1

@@ -113,7 +113,9 @@ class RunFlags(training.Extension):
     # How each flag is named in messages.
     NAMES = {'deformable': '--deformable', 'batchsize': '--batchsize',
              'train_size': '--train-size', 'test_size': '--test-size',
-             'processes': 'mpiexec -n'}
+             'processes': 'mpiexec -n', 'double_backprop': '--double-backprop'}
+    # The values of flags that snapshots written before them did not keep.
+    DEFAULTS = {'double_backprop': 0.0}
 
     def __init__(self, **flags):
         self.flags = flags
@@ -123,7 +125,12 @@ class RunFlags(training.Extension):
 
     def serialize(self, serializer):
         for key, value in sorted(self.flags.items()):
-            saved = int(serializer(key, value))
+            try:
+                saved = type(value)(serializer(key, value))
+            except KeyError:
+                if key not in self.DEFAULTS:
+                    raise
+                saved = self.DEFAULTS[key]
             if saved != value:
                 raise FlagMismatch(
                     'it was written by a run with {0} {1}, this one has {0} '

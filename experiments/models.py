@@ -4,6 +4,8 @@ The regular and the deformable (DCNv1) convnet are the original's; the
 modulated one swaps DCNv2's modulated deformable convolutions in.
 """
 
+import functools
+
 import chainer
 import chainer.functions as F
 import chainer.links as L
@@ -63,6 +65,41 @@ class ModulatedDeformableConvnet(Convnet):
     def _conv(self, in_channels, out_channels):
         return deformable.DeformableConvolution2D(
             in_channels, out_channels, 3, pad=1, modulated=True)
+
+
+class DoubleBackpropClassifier(L.Classifier):
+    """``chainer.links.Classifier`` trained with double backpropagation
+    (Drucker and LeCun, 1992, on handwritten digits).
+
+    In training, the loss gains ``penalty`` times the mean over the batch of
+    ``||d loss_i / d x_i||^2``, the squared norm of each image's own loss's
+    gradient w.r.t. the image, which asks for predictions that small
+    changes of the input do not move. The term is reported as ``penalty``
+    (``main/penalty``); ``loss`` stays the cross entropy. Evaluation (no
+    backprop) computes no penalty. With ``penalty`` 0 it is
+    ``L.Classifier``.
+    """
+
+    def __init__(self, predictor, penalty=0.0):
+        # The cross entropy's gradient itself differentiable.
+        super(DoubleBackpropClassifier, self).__init__(
+            predictor, lossfun=functools.partial(
+                F.softmax_cross_entropy, enable_double_backprop=True)
+            if penalty else F.softmax_cross_entropy)
+        self.penalty = penalty
+
+    def forward(self, x, t):
+        if not (self.penalty and chainer.config.train
+                and chainer.config.enable_backprop):
+            return super(DoubleBackpropClassifier, self).forward(x, t)
+        x = chainer.Variable(x)   # an array from the updater
+        loss = super(DoubleBackpropClassifier, self).forward(x, t)
+        # loss is the batch's mean: row i of its gradient is d loss_i /
+        # d x_i over the batch size.
+        grad_x, = chainer.grad([loss], [x], enable_double_backprop=True)
+        term = self.penalty * len(x) * F.sum(grad_x * grad_x)
+        chainer.report({'penalty': term}, self)
+        return loss + term
 
 
 class Kind(object):

@@ -27,7 +27,6 @@ import matplotlib
 import numpy
 
 import chainer
-import chainer.links as L
 from chainer import training
 from chainer.training import extensions
 import chainermn
@@ -35,6 +34,7 @@ import chainermn
 import distributed
 import exact_resume
 import mnist_data
+from models import DoubleBackpropClassifier
 from models import KINDS
 import plots
 import scaled_mnist
@@ -46,6 +46,14 @@ def positive_int(value):
     if number < 1:
         raise argparse.ArgumentTypeError(
             'must be a positive integer, got {}'.format(value))
+    return number
+
+
+def non_negative_float(value):
+    number = float(value)
+    if not number >= 0 or number == float('inf'):
+        raise argparse.ArgumentTypeError(
+            'must be a non-negative number, got {}'.format(value))
     return number
 
 
@@ -79,6 +87,12 @@ def parse_args(argv=None):
                         help='use the first N training images (default all)')
     parser.add_argument('--test-size', type=positive_int, default=None,
                         help='use the first N test images (default all)')
+    parser.add_argument('--double-backprop', type=non_negative_float,
+                        default=0.0, metavar='LAMBDA',
+                        help='double backpropagation: add LAMBDA times the '
+                        "mean over the batch of the squared norm of each "
+                        "image's loss gradient w.r.t. the image (reported "
+                        'as main/penalty; default 0: off)')
     parser.add_argument('--mnist-dir', default=None,
                         help='directory holding the four MNIST IDX files '
                         '(raw or .gz); default ${}, else the cache {}, else '
@@ -144,7 +158,7 @@ def main(argv=None):
 
     kind = KINDS[args.deformable]
     predictor = kind.model_class(10)
-    model = L.Classifier(predictor)
+    model = DoubleBackpropClassifier(predictor, args.double_backprop)
     device.use()
     model.to_device(device)
 
@@ -169,7 +183,8 @@ def main(argv=None):
     snapshot_trigger = 1, 'epoch'
     flags = exact_resume.RunFlags(
         deformable=args.deformable, batchsize=args.batchsize,
-        train_size=train_size, test_size=test_size, processes=processes)
+        train_size=train_size, test_size=test_size, processes=processes,
+        double_backprop=args.double_backprop)
     trainer.extend(flags)
     trainer.extend(exact_resume.ProcessStates(train_iter, comm),
                    trigger=snapshot_trigger)
@@ -190,8 +205,10 @@ def main(argv=None):
         for plot_report in plots.plot_reports():
             trainer.extend(plot_report)
         trainer.extend(extensions.PrintReport(
-            ['epoch', 'main/loss', 'validation/main/loss',
-             'main/accuracy', 'validation/main/accuracy', 'elapsed_time']))
+            ['epoch', 'main/loss'] + (['main/penalty'] if args.double_backprop
+                                      else [])
+            + ['validation/main/loss', 'main/accuracy',
+               'validation/main/accuracy', 'elapsed_time']))
         trainer.extend(extensions.ProgressBar())
 
     # Before anything is written to --out.

@@ -908,6 +908,8 @@ def _contents(directory):
     (None, ['--train-size', '60'],
      'with --train-size 100, this one has --train-size 60'),
     (None, ['--resume', 'run/model_iter_2'], 'not a trainer snapshot'),
+    (None, ['--double-backprop', '0.5'], 'written by a run with '
+     '--double-backprop 0.0, this one has --double-backprop 0.5'),
     # --epoch is where to end, so these have nothing to train: Chainer would
     # go on to epoch 4 (the next multiple of 2), or 3.
     (None, ['--epoch', '2'], 'cannot resume from run/snapshot_deformable_2: '
@@ -935,6 +937,55 @@ def test_resume_refuses_and_leaves_the_run_as_it_was(
     assert message in result.stdout
     assert 'Traceback' not in result.stdout
     assert _contents(run) == before
+
+
+def test_snapshot_from_before_double_backprop_resumes(trained, tmp_path):
+    # Snapshots written before --double-backprop was kept resume as λ = 0.
+    _, env, out, _ = trained
+    run = tmp_path / 'run'
+    shutil.copytree(str(out / '1'), str(run))
+    snapshot = run / 'snapshot_deformable_2'
+    with numpy.load(str(snapshot)) as npz:
+        arrays = {name: npz[name] for name in npz.files
+                  if not name.endswith('/double_backprop')}
+    assert len(arrays) < len(npz.files)
+    numpy.savez(str(snapshot) + '.npz', **arrays)
+    os.replace(str(snapshot) + '.npz', str(snapshot))
+    args = [os.path.join(EXPERIMENTS, 'train_mnist.py'), '--deformable', '1',
+            '--batchsize', '50', '--train-size', '100', '--test-size', '40',
+            '--epoch', '3', '--out', 'run', '--resume',
+            'run/snapshot_deformable_2']
+    refused = _run(args + ['--double-backprop', '0.5'], str(tmp_path), env,
+                   ok=False)
+    assert 'with --double-backprop 0.0, this one has --double-backprop ' \
+        '0.5' in refused.stdout
+    _run(args, str(tmp_path), env)
+    assert (run / 'snapshot_deformable_3').exists()
+
+
+@pytest.mark.parametrize('deformable', [0, 1, 2])
+def test_double_backprop_reports_its_penalty(trained, tmp_path, deformable):
+    _, env, _, _ = trained
+    out = tmp_path / 'run'
+    result = _run(['train_mnist.py', '--deformable', str(deformable),
+                   '--batchsize', '50', '--train-size', '100',
+                   '--test-size', '40', '--epoch', '1', '--seed', '0',
+                   '--double-backprop', '0.1', '--out', str(out)],
+                  EXPERIMENTS, env)
+    assert 'main/penalty' in result.stdout
+    with open(str(out / 'log')) as f:
+        entry, = json.load(f)
+    assert entry['main/penalty'] > 0
+    assert 'validation/main/penalty' not in entry
+    assert numpy.isfinite(entry['main/loss'])
+
+
+def test_double_backprop_off_is_the_plain_classifier(trained):
+    # λ = 0: the log of the run without the flag, penalty and all.
+    _, _, out, _ = trained
+    with open(str(out / '1' / 'log')) as f:
+        log = json.load(f)
+    assert all('main/penalty' not in entry for entry in log)
 
 
 class _Payload(object):

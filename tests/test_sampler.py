@@ -431,16 +431,6 @@ class TestGradNodeWithoutCache(unittest.TestCase):
         for a, b in zip(kept, recomputed):
             numpy.testing.assert_array_equal(a.array, b.array)
 
-    def test_double_backward_is_refused(self):
-        rng = numpy.random.RandomState(4)
-        inputs = [chainer.Variable(a) for a in make_inputs(
-            1, 2, 2, 4, 4, (3, 3), (1, 1), (1, 1), numpy.float64, rng)]
-        y = deformable.deformable_convolution_2d_sampler(*inputs, 1, 1)
-        gx, = chainer.grad([F.sum(y * y)], [inputs[0]],
-                           enable_double_backprop=True)
-        with pytest.raises(NotImplementedError, match='double backward'):
-            F.sum(gx).backward()
-
 
 class TestBadInput(unittest.TestCase):
 

@@ -143,7 +143,7 @@ class Operands(object):
     """A call's arrays in the loops' layouts (``layout``): the offsets
     ``(n, G, 2, K, out_h, out_w)``, the mask ``(n, G, K, out_h, out_w)``
     (ones ``(n, 1, 1, 1, 1)`` without one, never read) and the weight
-    matrix."""
+    matrix (None without a weight)."""
 
     def __init__(self, offset, W, mask, plan):
         dtype = plan.dtype
@@ -155,7 +155,8 @@ class Operands(object):
         else:
             self.mask = numpy.ascontiguousarray(
                 layout.mask_by_group(mask, plan.n_taps), dtype=dtype)
-        self.weight = layout.weight_matrix(W, plan.groups, dtype)
+        self.weight = None if W is None else layout.weight_matrix(
+            W, plan.groups, dtype)
 
 
 def bordered_plane(x, plan):
@@ -354,6 +355,38 @@ class CpuBackend(object):
                 grads[name] = grads[name].reshape(like.shape)
         return {name: numpy.ascontiguousarray(grads[name], dtype=x.dtype)
                 for name in needed}
+
+    def _tap_loops(self, x_shape, offset, ksize, hyperparameters, dtype):
+        # Samples of each channel: one convolution group, no weight.
+        plan = Plan(x_shape, offset.shape, (1, x_shape[1]) + tuple(ksize),
+                    hyperparameters._replace(groups=1),
+                    geometry.compute_dtype(dtype))
+        return plan, self.loops(plan, Operands(offset, None, None, plan))
+
+    def sample_taps(self, hyperparameters, z, offset, ksize, order):
+        """The samples of ``z`` at every tap, ``(n, c, K, out_h, out_w)``,
+        in their derivative of ``order`` (``layout``, second order)."""
+        plan, loops = self._tap_loops(z.shape, offset, ksize,
+                                      hyperparameters, z.dtype)
+        out = numpy.empty((plan.n, plan.out_h, plan.out_w, plan.n_taps,
+                           plan.c), plan.dtype)
+        loops.sample_taps(bordered_plane(z, plan), order, out)
+        return numpy.ascontiguousarray(out.transpose(0, 4, 3, 1, 2),
+                                       dtype=z.dtype)
+
+    def scatter_taps(self, hyperparameters, samples, offset, x_shape, ksize,
+                     order):
+        """The adjoint of :meth:`sample_taps`: ``x_shape``."""
+        plan, loops = self._tap_loops(x_shape, offset, ksize,
+                                      hyperparameters, samples.dtype)
+        grad_plane = numpy.zeros((plan.n,) + plan.image_plane_shape,
+                                 plan.dtype)
+        loops.scatter_taps(numpy.ascontiguousarray(
+            samples.transpose(0, 3, 4, 2, 1), dtype=plan.dtype), order,
+            grad_plane)
+        return numpy.ascontiguousarray(
+            grad_plane[:, 1:-1, 1:-1].transpose(0, 3, 1, 2),
+            dtype=samples.dtype)
 
 
 def _images_or_none(array, images):

@@ -39,6 +39,21 @@ __device__ int axis_geometry(T pos, int size, T* frac, bool* inside) {
     return (int)lower;
 }
 
+// The weights of the four corners in the sample's derivative of order
+// (order_y, order_x): geometry.corner_weights.
+template <typename T>
+__device__ void corner_weights(T fy, T fx, bool inside_y, bool inside_x,
+                               int order_y, int order_x, T* weight) {
+    const T y0 = order_y == 0 ? 1 - fy : -(T)inside_y;
+    const T y1 = order_y == 0 ? fy : (T)inside_y;
+    const T x0 = order_x == 0 ? 1 - fx : -(T)inside_x;
+    const T x1 = order_x == 0 ? fx : (T)inside_x;
+    weight[0] = y0 * x0;
+    weight[1] = y0 * x1;
+    weight[2] = y1 * x0;
+    weight[3] = y1 * x1;
+}
+
 // Row of channel ch, tap k in the columns: (group, tap, channel) order.
 __device__ ptrdiff_t column_row(ptrdiff_t ch, int k, int K, int c_group) {
     return (ch / c_group * K + k) * c_group + ch % c_group;
@@ -166,7 +181,52 @@ OFFSET_GRADS = KernelSource(
     }
     ''')
 
-KERNELS = (SAMPLE_COLUMNS, SCATTER_COLUMNS, OFFSET_GRADS)
+# Second order (``layout``): every channel's sample at every tap, ``(n, c,
+# K, out_h, out_w)``, in a derivative w.r.t. the sample's coordinates
+# (unmodulated: the mask is arithmetic on these), and its adjoint.
+SAMPLE_TAPS = KernelSource(
+    'deformable_sample_taps', 'raw T x, int32 order_y, int32 order_x',
+    'raw T samples', r'''
+    SAMPLE_POSITION(T)
+    T weight[4];
+    corner_weights(fy, fx, inside_y, inside_x, order_y, order_x, weight);
+    for (ptrdiff_t ch = first_channel; ch < first_channel + group_channels;
+         ++ch) {
+        const T* image = &x[(n * c_in + ch) * h * w];
+        samples[((n * c_in + ch) * K + k) * plane + oy * out_w + ox] =
+            weight[0] * pixel(image, h, w, y0, x0)
+            + weight[1] * pixel(image, h, w, y0, x0 + 1)
+            + weight[2] * pixel(image, h, w, y0 + 1, x0)
+            + weight[3] * pixel(image, h, w, y0 + 1, x0 + 1);
+    }
+    ''')
+
+SCATTER_TAPS = KernelSource(
+    'deformable_scatter_taps', 'raw T samples, int32 order_y, int32 order_x',
+    'raw T gx', r'''
+    SAMPLE_POSITION(T)
+    // As in the backward, samples with no corner in the image add nothing.
+    if (inside_y && inside_x) {
+        T weight[4];
+        corner_weights(fy, fx, inside_y, inside_x, order_y, order_x, weight);
+        for (ptrdiff_t ch = first_channel;
+             ch < first_channel + group_channels; ++ch) {
+            T* image = &gx[(n * c_in + ch) * h * w];
+            const T g = samples[((n * c_in + ch) * K + k) * plane
+                                + oy * out_w + ox];
+            for (int q = 0; q < 4; ++q) {
+                const int y = y0 + q / 2;
+                const int x = x0 + q % 2;
+                if (0 <= y && y < h && 0 <= x && x < w) {
+                    atomicAdd(&image[y * w + x], g * weight[q]);
+                }
+            }
+        }
+    }
+    ''')
+
+KERNELS = (SAMPLE_COLUMNS, SCATTER_COLUMNS, OFFSET_GRADS, SAMPLE_TAPS,
+           SCATTER_TAPS)
 
 
 def _kernel(source):
@@ -292,6 +352,38 @@ class GpuBackend(object):
                     x_c, grad_columns, offset_c, mask_c, kernel_args)
         return {name: grads[name].astype(x.dtype, copy=False)
                 for name in needed}
+
+    def _tap_args(self, hyperparameters, array, offset, x_shape, ksize):
+        dtype = geometry.compute_dtype(array.dtype)
+        array, offset = (cuda.cupy.ascontiguousarray(a, dtype=dtype)
+                         for a in (array, offset))
+        return array, KernelArgs(x_shape, offset, None, ksize,
+                                 hyperparameters._replace(groups=1))
+
+    def sample_taps(self, hyperparameters, z, offset, ksize, order):
+        """The samples of ``z`` at every tap, ``(n, c, K, out_h, out_w)``,
+        in their derivative of ``order``."""
+        z_c, kernel_args = self._tap_args(hyperparameters, z, offset,
+                                          z.shape, ksize)
+        n, c = z.shape[:2]
+        samples = cuda.cupy.empty(
+            (n, c, ksize[0] * ksize[1]) + offset.shape[2:], z_c.dtype)
+        _kernel(SAMPLE_TAPS)(z_c, order[0], order[1], *kernel_args.args,
+                             samples, size=kernel_args.n_threads)
+        return samples.astype(z.dtype, copy=False)
+
+    def scatter_taps(self, hyperparameters, samples, offset, x_shape, ksize,
+                     order):
+        """The adjoint of :meth:`sample_taps`: ``x_shape``, with
+        atomicAdd."""
+        samples_c, kernel_args = self._tap_args(hyperparameters, samples,
+                                                offset, x_shape, ksize)
+        utils.nondeterministic('atomicAdd')
+        grad = cuda.cupy.zeros(x_shape, samples_c.dtype)
+        _kernel(SCATTER_TAPS)(samples_c, order[0], order[1],
+                              *kernel_args.args, grad,
+                              size=kernel_args.n_threads)
+        return grad.astype(samples.dtype, copy=False)
 
 
 BACKEND = GpuBackend()

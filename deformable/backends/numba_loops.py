@@ -29,9 +29,11 @@ import numpy
 from deformable import geometry
 from deformable import tuning
 from deformable.backends import simd
+from deformable.backends import threads
 
 
 axis_geometry = numba.njit(inline='always')(geometry.axis_geometry)
+corner_weights = numba.njit(inline='always')(geometry.corner_weights)
 
 SPAN = tuning.SPAN
 
@@ -127,6 +129,22 @@ class Loops(object):
                   unused[0] if grad_plane is None else grad_plane,
                   unused if grad_offset is None else grad_offset,
                   unused[0] if grad_mask is None else grad_mask)
+
+    def sample_taps(self, plane, order, out):
+        """Every image's samples of every channel at every tap, in their
+        derivative of ``order`` (``geometry.corner_weights``, unmodulated),
+        into ``out`` ``(n, out_h, out_w, K, c)``; an image per thread."""
+        threads.run(lambda b: _sample_taps(plane, self.sampling, b, order,
+                                           out),
+                    list(range(len(plane))), threaded=True)
+
+    def scatter_taps(self, samples, order, grad_plane):
+        """The adjoint of :meth:`sample_taps`: adds ``samples`` ``(n,
+        out_h, out_w, K, c)`` to ``grad_plane``, the images' bordered
+        plane; an image per thread."""
+        threads.run(lambda b: _scatter_taps(grad_plane, self.sampling, b,
+                                            order, samples),
+                    list(range(len(grad_plane))), threaded=True)
 
     def _sampling(self, block):
         # The kernels count images from the block's first.
@@ -370,3 +388,70 @@ def _gradients_from_sums(sums, frac_y, frac_x, inside_y, inside_x, mask,
                                                    one)
             grad_m[i] = (u00 * sums[i, 0] + u01 * sums[i, 1]
                          + u10 * sums[i, 2] + u11 * sums[i, 3])
+
+
+@numba.njit(inline='always')
+def _tap(sampling, b, g, k, p, plane_w, c, order):
+    """Where tap k of offset group g of image b's sample p reads the
+    bordered plane ``(images, h + 2, w + 2, c)``: the flat index of its
+    top-left corner within the image's plane, the corners' weights in the
+    derivative of ``order`` and whether any corner is in the image."""
+    low, one = sampling.low, sampling.one
+    kw = sampling.kw
+    ky = k // kw
+    lower_y, frac_y, flows_y = axis_geometry(
+        sampling.offset[b, g, 1, k, p] + sampling.base_y[ky, p], low,
+        sampling.h)
+    lower_x, frac_x, flows_x = axis_geometry(
+        sampling.offset[b, g, 0, k, p] + sampling.base_x[k - ky * kw, p],
+        low, sampling.w)
+    zero = low + one
+    weights = corner_weights(frac_y, frac_x, one if flows_y else zero,
+                             one if flows_x else zero, order[0], order[1],
+                             one)
+    # +1: the plane's zero border.
+    corner = ((int(lower_y) + 1) * plane_w + int(lower_x) + 1) * c
+    return corner, weights, flows_y and flows_x
+
+
+@numba.njit(nogil=True, cache=True)
+def _sample_taps(plane, sampling, b, order, out):
+    """:meth:`Loops.sample_taps` of image b."""
+    _, _, plane_w, c = plane.shape
+    n_groups, n_taps = sampling.offset.shape[1], sampling.offset.shape[3]
+    per_image = sampling.offset.shape[4]
+    width = c // n_groups
+    image = b * plane[0].size
+    for p in range(per_image):
+        for g in range(n_groups):
+            for k in range(n_taps):
+                corner, weights, _ = _tap(sampling, b, g, k, p, plane_w, c,
+                                          order)
+                simd.blend(out, ((b * per_image + p) * n_taps + k) * c
+                           + g * width, plane, image + corner + g * width,
+                           (c, plane_w * c), width, weights)
+
+
+@numba.njit(nogil=True, cache=True)
+def _scatter_taps(grad_plane, sampling, b, order, samples):
+    """:meth:`Loops.scatter_taps` of image b. Samples with no corner in the
+    image (NaN ones too) add nothing, as in the backward."""
+    _, _, plane_w, c = grad_plane.shape
+    n_groups, n_taps = sampling.offset.shape[1], sampling.offset.shape[3]
+    per_image = sampling.offset.shape[4]
+    width = c // n_groups
+    image = b * grad_plane[0].size
+    samples = samples.reshape(samples.shape[0], per_image * n_taps * c)
+    unused_sums = numpy.empty(4, grad_plane.dtype)
+    for p in range(per_image):
+        for g in range(n_groups):
+            for k in range(n_taps):
+                corner, weights, contributes = _tap(sampling, b, g, k, p,
+                                                    plane_w, c, order)
+                if contributes:
+                    simd.tap_backward(
+                        (grad_plane, grad_plane), image + corner + g * width,
+                        (c, plane_w * c), width, (samples, samples),
+                        b * samples.shape[1] + (p * n_taps + k) * c
+                        + g * width, weights, (False, True, False, False),
+                        unused_sums, 0)

@@ -12,6 +12,7 @@ import numpy
 
 from deformable import geometry
 from deformable import tuning
+from deformable.backends import cpu
 
 
 class Loops(object):
@@ -49,6 +50,47 @@ class Loops(object):
             _gather(plane, block_geometry, self.plan, columns)
         _backward(plane, block_geometry, self.plan, grad_columns,
                   grad_plane, grad_offset, grad_mask)
+
+    def sample_taps(self, plane, order, out):
+        """Every image's samples of every channel at every tap, in their
+        derivative of ``order`` (``geometry.corner_weights``, unmodulated),
+        into ``out`` ``(n, out_h, out_w, K, c)``."""
+        plan = self.plan
+        block_geometry = self._geometry(self._all_images())
+        weights = block_geometry.derivative_weights(order)
+        rows = plane.reshape(-1, plan.c)
+        out = out.reshape(-1, plan.n_taps, plan.c)
+        buffer = numpy.empty(4 * out.shape[0] * plan.c, plan.dtype)
+        for t in range(plan.n_groups * plan.n_taps):
+            channels = self._offset_group_channels(t)
+            corners = _corner_buffer(buffer, out.shape[0], channels)
+            block_geometry.gather_corners(rows[:, channels], t, corners)
+            numpy.einsum('qpc,qp->pc', corners, weights[t],
+                         out=out[:, t % plan.n_taps, channels])
+
+    def scatter_taps(self, samples, order, grad_plane):
+        """The adjoint of :meth:`sample_taps`: adds ``samples`` ``(n,
+        out_h, out_w, K, c)`` to ``grad_plane``, the images' bordered
+        plane."""
+        plan = self.plan
+        block_geometry = self._geometry(self._all_images())
+        weights = block_geometry.derivative_weights(order)
+        grad_rows = grad_plane.reshape(-1, plan.c)
+        samples = samples.reshape(-1, plan.n_taps, plan.c)
+        for t in range(plan.n_groups * plan.n_taps):
+            channels = self._offset_group_channels(t)
+            column = numpy.ascontiguousarray(
+                samples[:, t % plan.n_taps, channels])
+            _scatter_tap(grad_rows[:, channels], column, block_geometry, t,
+                         weights[t])
+
+    def _all_images(self):
+        return cpu.Block(0, self.plan.n, 0, self.plan.n * self.plan.out_h)
+
+    def _offset_group_channels(self, t):
+        width = self.plan.c // self.plan.n_groups
+        g = t // self.plan.n_taps
+        return slice(g * width, (g + 1) * width)
 
     def _geometry(self, block):
         operands = self.operands
@@ -107,6 +149,15 @@ class BlockGeometry(object):
         if mask is not None:
             self.mask = mask.transpose(1, 2, 0, 3, 4).reshape(n_total, -1)
             self.sample_weights = self.weights * self.mask[:, None]
+
+    def derivative_weights(self, order):
+        """The corners' weights ``(G * K, 4, P)`` in the samples'
+        derivative of ``order`` (``geometry.corner_weights``), unmodulated."""
+        dtype = self.frac_y.dtype
+        return numpy.stack(geometry.corner_weights(
+            self.frac_y, self.frac_x, self.inside_y.astype(dtype),
+            self.inside_x.astype(dtype), order[0], order[1], dtype.type(1)),
+            1)
 
     def gather_corners(self, plane, t, out):
         """The four corners of tap t's samples into ``out`` ``(4, P, c')``.
@@ -172,7 +223,8 @@ def _backward(plane, block_geometry, plan, grad_columns, grad_plane,
                 s = s + numpy.einsum('qpc,pc->qp', corners, column)
             if grad_plane is not None:
                 _scatter_tap(grad_plane.reshape(-1, plan.c)[:, channels],
-                             column, block_geometry, t)
+                             column, block_geometry, t,
+                             block_geometry.sample_weights[t])
         if not with_sums:
             continue
         s00, s01, s10, s11 = s
@@ -196,8 +248,9 @@ def _backward(plane, block_geometry, plan, grad_columns, grad_plane,
         grad_offset[:, g, 0, k] = grad_x.reshape(sample_shape)
 
 
-def _scatter_tap(grad_plane, grad_column, block_geometry, t):
-    """Adds tap t's column gradient to the four corners of its samples.
+def _scatter_tap(grad_plane, grad_column, block_geometry, t, weights):
+    """Adds tap t's column gradient to the four corners of its samples,
+    times their ``weights`` ``(4, P)``.
 
     NumPy 1.23 has no fast scatter-add (``numpy.add.at`` is per element).
     Samples are sorted by target row; round r adds the r-th sample of every
@@ -217,7 +270,6 @@ def _scatter_tap(grad_plane, grad_column, block_geometry, t):
 
     samples_by_target = contributing[order]
     top_left = block_geometry.top_left[t]
-    weights = block_geometry.sample_weights[t]
     rounds = tuning.MAX_SCATTER_ROUNDS
     for r in range(rounds):
         alive = run_length > r
