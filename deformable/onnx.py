@@ -311,11 +311,12 @@ class _Exporter(object):
             if not self._is_constant(v):
                 raise ExportError('{} reads a variable the exporter has not '
                                   'written'.format(_describe(node)))
-            name = self.params.get(id(v)) or self._fresh('constant')
-            self.used_names.add(name)
-            self.names[id(v)] = name
-            self.initializers.append(
-                numpy_helper.from_array(self._value(v, node), name))
+            if id(v) in self.params:
+                self._name(v, self.params[id(v)])
+            else:
+                self.names[id(v)] = self._fresh('constant')
+            self.initializers.append(numpy_helper.from_array(
+                self._value(v, node), self.names[id(v)]))
         return self.names[id(v)]
 
     def _outputs(self, node, prefix):
@@ -330,8 +331,8 @@ class _Exporter(object):
                 names.append(self._fresh(prefix))
         return names
 
-    def _add(self, op_type, inputs, node, prefix=None, **attributes):
-        outputs = self._outputs(node, prefix or op_type)
+    def _add(self, op_type, inputs, node, **attributes):
+        outputs = self._outputs(node, op_type)
         self.onnx_nodes.append(helper.make_node(
             op_type, inputs, outputs, name=self._fresh(op_type + '_node'),
             **attributes))
@@ -401,13 +402,10 @@ class _Exporter(object):
         order = self.channel_orders.get(id(node))
         if order is None:
             return [self._input(v, node) for v in (W, b) if v is not None]
-        prefix = self.params.get(id(W), 'W').rsplit('/W', 1)[0]
-        names = [self._constant(self._value(W, node)[order],
-                                prefix + '/W_interleaved')]
-        if b is not None:
-            names.append(self._constant(self._value(b, node)[order],
-                                        prefix + '/b_interleaved'))
-        return names
+        return [self._constant(self._value(v, node)[order],
+                               self.params.get(id(v), 'constant')
+                               + '_interleaved')
+                for v in (W, b) if v is not None]
 
     # -- Nodes ---------------------------------------------------------------
 
