@@ -49,6 +49,7 @@ echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -m)," \
         head -1), $(getconf _NPROCESSORS_ONLN) cores, load average" \
     "$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null);" \
     "commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null)"
+echo "sh tools/verify_onnx_runtime.sh $*"
 "$python" -W ignore "$root/experiments/verify_onnx_runtime.py" chainer \
     --out "$work" "$@"
 "$venv/bin/python" "$root/experiments/verify_onnx_runtime.py" ort \
