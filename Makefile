@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: venv test demo images bench clean FORCE
+.PHONY: venv test demo images bench verify-onnx clean FORCE
 
 venv: $(VENV)/.installed
 
@@ -62,5 +62,10 @@ images: venv
 bench: venv
 	$(BIN)/python benchmarks/bench_sampler.py
 
+# The exported convnets in ONNX Runtime (>= 1.32, in .venv-ort/ from Python
+# >= 3.11) against Chainer (README, "Export to ONNX"; needs MNIST).
+verify-onnx: venv
+	PYTHON=$(BIN)/python sh tools/verify_onnx_runtime.sh
+
 clean:
-	rm -rf $(VENV) .uv-bootstrap .pytest_cache
+	rm -rf $(VENV) .venv-ort .uv-bootstrap .pytest_cache

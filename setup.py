@@ -22,6 +22,9 @@ setup(
         # ChainerMN (in chainer) over MPI: mpi4py and an MPI runtime from
         # PyPI, mpiexec included, so that no system MPI is needed.
         'distributed': ['mpi4py', 'mpich'],
+        # deformable.onnx, the ONNX exporter (DeformConv needs opset 19,
+        # onnx 1.14 on).
+        'onnx': ['onnx>=1.14'],
         # onnx: its reference evaluator's DeformConv checks the general op.
         'test': ['pytest', 'nbclient', 'nbformat', 'ipykernel', 'onnx'],
     },
