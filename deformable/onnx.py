@@ -73,26 +73,21 @@ def read_deformable_node(node):
     """Our deformable convolution's inputs and hyperparameters, or ``None``
     if ``node`` is another kind of node.
 
-    This is the only function that knows the node's class and attribute
-    names (``deformable.functions.DeformableConvolution2DSampler``: ``sy,
-    sx, ph, pw, dy, dx, groups, with_mask``; inputs ``(x, offset, W[,
-    b][, mask])``); adapt it, and only it, when they change.
+    This is the only function that knows the node's class
+    (``deformable.functions.DeformableConvolution2DFunction``: its
+    ``hyperparameters`` and ``named_inputs``); adapt it, and only it, when
+    they change.
 
     Returns:
         :class:`DeformableParams`: the input variable nodes (``b`` and
         ``mask`` ``None`` when absent) and ``stride``, ``pad``, ``dilate``
         as ``(y, x)`` pairs, ``groups`` an int.
     """
-    if type(node) is not getattr(functions, 'DeformableConvolution2DSampler'):
+    if type(node) is not functions.DeformableConvolution2DFunction:
         return None
-    inputs = node.inputs
-    with_bias = len(inputs) == 4 + node.with_mask
-    return DeformableParams(
-        x=inputs[0], offset=inputs[1], W=inputs[2],
-        b=inputs[3] if with_bias else None,
-        mask=inputs[-1] if node.with_mask else None,
-        stride=(node.sy, node.sx), pad=(node.ph, node.pw),
-        dilate=(node.dy, node.dx), groups=node.groups)
+    stride, pad, dilate, groups = node.hyperparameters
+    return DeformableParams(*node.named_inputs(node.inputs), stride=stride,
+                            pad=pad, dilate=dilate, groups=groups)
 
 
 # --------------------------------------------------------------------------
