@@ -13,6 +13,7 @@ checked against ours, so the two compute the same thing.
     python benchmarks/bench_sampler.py                 # op, CPU
     python benchmarks/bench_sampler.py --mode train    # training steps
     python benchmarks/bench_sampler.py --mode features # DCNv2 features
+    python benchmarks/bench_sampler.py --mode gradients  # which are needed
     python benchmarks/bench_sampler.py --gpu 0         # op, GPU
     DEFORMABLE_USE_NUMBA=never python benchmarks/bench_sampler.py  # pure NumPy
     python benchmarks/bench_sampler.py --baseline /tmp/before  # A/B
@@ -23,6 +24,7 @@ e.g. a ``git worktree`` of an older commit) in the same rounds, as
 """
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -375,6 +377,49 @@ def bench_features(args, xp, synchronize):
     return rows
 
 
+# Which inputs need gradients: all, then as in a network's first layer (x
+# is data), with constant offsets, and only the weight.
+GRADIENT_CASES = [
+    ('all gradients', ('x', 'offset', 'W', 'b')),
+    ('first layer: no gx', ('offset', 'W', 'b')),
+    ('constant offsets', ('x', 'W', 'b')),
+    ('W and b only', ('W', 'b')),
+]
+
+
+def bench_gradients(args, xp, synchronize):
+    """Forward + backward when only some inputs need gradients, against
+    all of them, on mnist-l2; with ``--gpu-kernels-on-cpu``, the GPU path
+    (its kernels emulated on the CPU, see tests/kernel_emulation.py)."""
+    arrays, pad = make_inputs(SHAPES['mnist-l2'], xp)
+    names = ('x', 'offset', 'W', 'b')
+
+    def make(needed):
+        def step():
+            inputs = [chainer.Variable(a) if name in needed else a
+                      for name, a in zip(names, arrays)]
+            y = deformable.deformable_convolution_2d_sampler(*inputs,
+                                                             pad=pad)
+            y.grad = y.array
+            y.backward()
+            synchronize()
+        return step
+    steps = {name: make(needed) for name, needed in GRADIENT_CASES}
+    context = contextlib.nullcontext()
+    if args.gpu_kernels_on_cpu:
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
+                                        'tests'))
+        import kernel_emulation
+        context = kernel_emulation.gpu_path_on_cpu()
+    with context:
+        medians = median_times(steps, args.repeats)
+    rows = [('mnist-l2', 'fwd+bwd', name, medians[name],
+             medians[name] / medians['all gradients'], '')
+            for name in steps]
+    print_rows(rows, header=True)
+    return rows
+
+
 def bench_train(args, xp, synchronize):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
                                     'experiments'))
@@ -454,7 +499,8 @@ def print_rows(rows, header):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--mode', choices=('op', 'train', 'features'),
+    parser.add_argument('--mode', choices=('op', 'train', 'features',
+                                           'gradients'),
                         default='op')
     parser.add_argument('--gpu', type=int, default=-1,
                         help='GPU id; -1 (default) for CPU')
@@ -465,6 +511,9 @@ def main():
     parser.add_argument('--no-builtin', action='store_true',
                         help="op and train modes: leave out Chainer's "
                         'built-in (slow)')
+    parser.add_argument('--gpu-kernels-on-cpu', action='store_true',
+                        help='gradients mode: the GPU path with its kernels '
+                        'emulated on the CPU')
     parser.add_argument('--baseline', metavar='DIR',
                         help='another copy of the package (DIR/deformable), '
                         'timed beside this one')
@@ -509,6 +558,8 @@ def main():
     with chainer.using_config('use_cudnn', 'auto'):
         if args.mode == 'op':
             bench_op(args, xp, synchronize)
+        elif args.mode == 'gradients':
+            bench_gradients(args, xp, synchronize)
         elif args.mode == 'features':
             bench_features(args, xp, synchronize)
         else:
