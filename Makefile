@@ -62,10 +62,15 @@ images: venv
 bench: venv
 	$(BIN)/python benchmarks/bench_sampler.py
 
+# What a GPU machine with Python 3.12, NumPy 2 and CuPy 14 (and no network)
+# needs to run gpu_checks/: .devkit/ (gpu_checks/build_kit.sh).
+gpu-kit: venv
+	bash gpu_checks/build_kit.sh
+
 # The exported convnets in ONNX Runtime (>= 1.32, in .venv-ort/ from Python
 # >= 3.11) against Chainer (README, "Export to ONNX"; needs MNIST).
 verify-onnx: venv
 	PYTHON=$(BIN)/python sh tools/verify_onnx_runtime.sh
 
 clean:
-	rm -rf $(VENV) .venv-ort .uv-bootstrap .pytest_cache
+	rm -rf $(VENV) .venv-ort .devkit .uv-bootstrap .pytest_cache

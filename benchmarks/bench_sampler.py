@@ -423,7 +423,7 @@ def bench_gradients(args, xp, synchronize):
 def bench_train(args, xp, synchronize):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
                                     'experiments'))
-    from models import Convnet, DeformableConvnet
+    from models import Convnet, DeformableConvnet, DoubleBackpropClassifier
 
     class BuiltinDeformableConvnet(Convnet):
         """The deformable model with Chainer's own link, for reference."""
@@ -436,6 +436,9 @@ def bench_train(args, xp, synchronize):
     x = xp.asarray(rng.uniform(0, 1, (100, 1, 28, 28)), dtype=numpy.float32)
     t = xp.asarray(rng.randint(0, 10, 100), dtype=numpy.int32)
     models = [('regular', Convnet), ('deformable', DeformableConvnet)]
+    if args.double_backprop:
+        models += [('regular, double backprop', Convnet),
+                   ('deformable, double backprop', DeformableConvnet)]
     if not args.no_builtin:
         models.append(('deformable, chainer built-in link',
                        BuiltinDeformableConvnet))
@@ -451,7 +454,9 @@ def bench_train(args, xp, synchronize):
         models.append(('deformable, ' + BASELINE, BaselineDeformableConvnet))
     steps = {}
     for name, model_class in models:
-        model = chainer.links.Classifier(model_class())
+        model = DoubleBackpropClassifier(
+            model_class(), args.double_backprop if name.endswith(
+                'double backprop') else 0)
         if args.gpu >= 0:
             model.to_gpu(args.gpu)
         optimizer = chainer.optimizers.Adam()
@@ -511,6 +516,9 @@ def main():
     parser.add_argument('--no-builtin', action='store_true',
                         help="op and train modes: leave out Chainer's "
                         'built-in (slow)')
+    parser.add_argument('--double-backprop', type=float, default=0,
+                        metavar='LAMBDA', help='train mode: also time both '
+                        "convnets with train_mnist.py's --double-backprop")
     parser.add_argument('--gpu-kernels-on-cpu', action='store_true',
                         help='gradients mode: the GPU path with its kernels '
                         'emulated on the CPU')

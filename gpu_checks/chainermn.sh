@@ -5,12 +5,9 @@
 # GPU arrays in two processes (the reason train_mnist.py refuses naive with
 # --gpu on an MPI that is not CUDA-aware). Prepared, not yet run on a GPU.
 #
-# Needs the device kit (../shared/device/build-kit.sh, in .devkit/) and the
-# MPI wheels for the device's Python 3.12, fetched here beforehand:
-#   .venv/bin/python -m pip download --no-deps --only-binary :all: \
-#       --python-version 3.12 --platform manylinux_2_28_x86_64 \
-#       --platform manylinux1_x86_64 -d .devkit/mpi-wheels mpi4py==4.1.2 mpich==5.0.2
-# Then on the device, with carry [".devkit"]: bash gpu_checks/chainermn.sh
+# Needs the GPU kit in .devkit/, MPI wheels included (make gpu-kit, i.e.
+# gpu_checks/build_kit.sh). On the device, with .devkit/ carried along:
+# bash gpu_checks/chainermn.sh
 set -uo pipefail
 ROOT="$PWD"
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"

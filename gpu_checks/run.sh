@@ -2,8 +2,8 @@
 # The GPU checks of this project, in one run on a GPU machine (see
 # results/gpu/README.md): the GPU tests, compute-sanitizer on extreme offsets,
 # one epoch of each convnet (DCNv1, regular, DCNv2) and the benchmark. Needs Chainer and ChainerCV's
-# Python files importable, e.g. the device kit in .devkit/ (Chainer, ChainerCV,
-# a NumPy-2 shim and MNIST; built by the team's build-kit.sh). Writes its
+# Python files importable, e.g. the GPU kit in .devkit/ (Chainer, ChainerCV,
+# a NumPy-2 shim and MNIST; built by `make gpu-kit`). Writes its
 # summaries to $OUT (default results/gpu); each step has its own time limit so
 # that one hang cannot eat the others' time.
 set -uo pipefail
