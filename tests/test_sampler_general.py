@@ -2,8 +2,9 @@
 
 Gradients by ``check_backward`` and values against the loop reference
 (``naive.py``) on an all-pairs grid of every feature, for both CPU
-implementations and the GPU; values against an independent implementation,
-the ONNX reference evaluator's ``DeformConv``; and every bad input.
+implementations and the GPU; values against independent implementations:
+the ONNX reference evaluator's ``DeformConv``, and Chainer's DCNv1 for the
+defaults; and every bad input.
 """
 
 import functools
@@ -13,6 +14,7 @@ import numpy
 import pytest
 
 import chainer
+import chainer.functions as F
 from chainer import testing
 from chainer.utils import type_check
 
@@ -65,16 +67,33 @@ class TestGeneralGradients(testing.FunctionTestCase):
 @testing.parameterize(*testing.product({'cpu_loops': helpers.CPU_LOOPS}))
 class TestDefaultsAreDCNv1(unittest.TestCase):
 
-    def test_explicit_defaults_change_nothing(self):
+    def test_defaults_spelled_out_are_chainers_dcnv1(self):
+        # No dilation, one group and no mask, left out or spelled out, are
+        # DCNv1: Chainer's own implementation, values and every gradient.
         rng = numpy.random.RandomState(1)
         x, offset, W, b, _ = make_general_inputs(
             rng, 2, 3, 4, 6, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, False,
             spread=3)
-        implicit = deformable.deformable_convolution_2d_sampler(
-            x, offset, W, b, 1, 1)
-        explicit = deformable.deformable_convolution_2d_sampler(
-            x, offset, W, b, 1, 1, dilate=1, groups=1, mask=None)
-        numpy.testing.assert_array_equal(implicit.array, explicit.array)
+        gy = rng.uniform(-1, 1, (2, 4, 6, 5))
+
+        def run(function, **features):
+            variables = [chainer.Variable(a.copy())
+                         for a in (x, offset, W, b)]
+            y = function(*variables, stride=1, pad=1, **features)
+            y.grad = gy
+            y.backward()
+            return [y.array] + [v.grad for v in variables]
+
+        expected = run(F.deformable_convolution_2d_sampler)
+        for features in ({}, {'dilate': 1, 'groups': 1, 'mask': None},
+                         {'dilate': (1, 1), 'groups': 1, 'mask': None}):
+            actual = run(deformable.deformable_convolution_2d_sampler,
+                         **features)
+            for name, a, e in zip(['y', 'gx', 'goffset', 'gW', 'gb'],
+                                  actual, expected):
+                numpy.testing.assert_allclose(
+                    a, e, rtol=1e-12, atol=1e-12,
+                    err_msg='{} with {}'.format(name, features))
 
     def test_mask_of_ones_is_no_mask(self):
         rng = numpy.random.RandomState(2)
