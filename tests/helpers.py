@@ -1,5 +1,5 @@
 """What the library's tests share: the CPU loops a test runs with, grids of
-cases, and inputs.
+cases, inputs, and running and comparing the op.
 
 **CPU loops.** A test that depends on which CPU loops compute (the NumPy
 loops or the Numba ones) has a parameter ``cpu_loops``, one of
@@ -28,6 +28,7 @@ import numpy
 import pytest
 
 import chainer
+from chainer import backend
 from chainer import testing
 
 from deformable import backends
@@ -282,3 +283,23 @@ def make_general_inputs(rng, n, c_in, c_out, h, w, ksize, stride, pad,
         if with_mask else None
     return tuple(None if a is None else a.astype(dtype)
                  for a in (x, offset, W, b, mask))
+
+
+# --- Running and comparing ---------------------------------------------------
+
+def forward_backward(function, inputs, gy, stride, pad):
+    """``function(*inputs, stride=stride, pad=pad)`` and its backward from
+    ``gy``: the output array and the inputs' gradients (inputs copied)."""
+    variables = [chainer.Variable(a.copy()) for a in inputs]
+    y = function(*variables, stride=stride, pad=pad)
+    y.grad = gy
+    y.backward()
+    return y.array, [v.grad for v in variables]
+
+
+def relative_error(actual, expected):
+    """The largest difference relative to the largest ``expected`` value;
+    ``actual`` may be on the GPU."""
+    actual = backend.CpuDevice().send(actual)
+    return (numpy.abs(actual - expected).max()
+            / max(numpy.abs(expected).max(), 1e-300))

@@ -17,8 +17,10 @@ from deformable import functions
 from deformable import tuning
 
 import helpers
+from helpers import forward_backward
 from helpers import make_inputs
 from helpers import random_offset
+from helpers import relative_error
 import naive
 
 
@@ -54,20 +56,6 @@ class TestSamplerGradients(testing.FunctionTestCase):
         inputs = [a.astype(numpy.float64) for a in inputs]
         y = naive.forward(*inputs, stride=self.stride, pad=self.pad)
         return y.astype(self.dtype),
-
-
-def relative_error(actual, expected):
-    actual = backend.CpuDevice().send(actual)
-    return (numpy.abs(actual - expected).max()
-            / max(numpy.abs(expected).max(), 1e-300))
-
-
-def forward_backward(function, inputs, gy, stride, pad):
-    variables = [chainer.Variable(a.copy()) for a in inputs]
-    y = function(*variables, stride=stride, pad=pad)
-    y.grad = gy
-    y.backward()
-    return y.array, [v.grad for v in variables]
 
 
 @helpers.parameterize_backends(*testing.product({
