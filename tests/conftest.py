@@ -18,3 +18,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if 'gpu' in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_loops(request):
+    """Runs a test that names its CPU loops (``cpu_loops``: a pytest
+    parameter, or an attribute of its unittest class) with them, setUp to
+    tearDown (see helpers.py)."""
+    name = getattr(request.instance, 'cpu_loops', None)
+    callspec = getattr(request.node, 'callspec', None)
+    if callspec is not None:
+        name = callspec.params.get('cpu_loops', name)
+    if name is None:
+        yield
+        return
+    # Imported here: the experiments' tests need not import the library.
+    import helpers
+    with helpers.using_cpu_loops(name):
+        yield

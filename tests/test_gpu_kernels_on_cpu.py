@@ -21,11 +21,11 @@ from chainer import testing
 import deformable
 from deformable.backends import gpu
 
+import helpers
+from helpers import make_general_inputs
+from helpers import make_inputs
+from helpers import random_offset
 import kernel_emulation
-from test_sampler import GRID
-from test_sampler import make_inputs
-from test_sampler import random_offset
-from test_sampler_general import make_general_inputs
 
 
 pytestmark = pytest.mark.skipif(
@@ -91,38 +91,30 @@ def tolerance(dtype):
             numpy.float16: 2e-3}[dtype]
 
 
-@testing.parameterize(*GRID)
+# The CPU path is the reference: either loops will do.
+@testing.parameterize(*helpers.without(helpers.DCNV1_GRID, 'cpu_loops'))
 class TestGpuPathOnCpu(unittest.TestCase):
     """Random offsets that push samples across and out of the image."""
 
     def test_agrees_with_numpy_path(self):
         seed = sum(self.ksize + self.stride + self.pad)
         rng = numpy.random.RandomState(seed)
-        n = 1 + seed % 3                          # batch 1-3
         h, w = 6 + seed % 2, 7                    # rectangular
-        inputs = make_inputs(n, 2, 3, h, w, self.ksize, self.stride,
+        inputs = make_inputs(self.n, 2, 3, h, w, self.ksize, self.stride,
                              self.pad, self.dtype, rng, spread=h,
-                             nobias=self.stride == (3, 2))
-        gy = rng.uniform(-1, 1, (n, 3) + inputs[1].shape[2:]).astype(
+                             nobias=self.nobias)
+        gy = rng.uniform(-1, 1, (self.n, 3) + inputs[1].shape[2:]).astype(
             self.dtype)
         problems = disagreements(inputs, gy, tolerance(self.dtype),
                                  stride=self.stride, pad=self.pad)
         assert not problems, problems
 
 
-@testing.parameterize(*testing.product({
-    'dilate': [(1, 1), (2, 3)],
-    'groups': [1, 2],
-    'offset_groups': [1, 2, 4],
-    'with_mask': [False, True],
-    'dtype': [numpy.float64],
-}) + testing.product({
-    'dilate': [(2, 1)],
-    'groups': [2],
-    'offset_groups': [4],
-    'with_mask': [True],
-    'dtype': [numpy.float32, numpy.float16],
-}))
+@testing.parameterize(*helpers.pairwise(
+    helpers.GENERAL_DIMENSIONS
+    + [('dtype', [numpy.float64, numpy.float32, numpy.float16])],
+    required=[dict(helpers.ALL_FEATURES, dtype=dtype)
+              for dtype in (numpy.float64, numpy.float32, numpy.float16)]))
 class TestGeneralGpuPathOnCpu(unittest.TestCase):
     """Dilation, groups, offset groups and the mask, and combinations."""
 
@@ -130,19 +122,16 @@ class TestGeneralGpuPathOnCpu(unittest.TestCase):
         seed = (sum(self.dilate) + 3 * self.groups + 5 * self.offset_groups
                 + self.with_mask)
         rng = numpy.random.RandomState(seed)
-        ksize = [(3, 3), (2, 3), (1, 2)][seed % 3]
-        stride = [(1, 1), (2, 1), (1, 3)][seed % 3]
-        pad = [(1, 2), (0, 0), (2, 1)][seed % 3]
-        n = 1 + seed % 3
         x, offset, W, b, mask = make_general_inputs(
-            rng, n, 8, 4, 7, 9, ksize, stride, pad, self.dilate,
-            self.groups, self.offset_groups, self.with_mask, spread=7,
-            nobias=seed % 2 == 0, dtype=self.dtype)
-        gy = rng.uniform(-1, 1, (n, 4) + offset.shape[2:]).astype(
+            rng, self.n, 8, 4, 7, 9, self.ksize, self.stride, self.pad,
+            self.dilate, self.groups, self.offset_groups, self.with_mask,
+            spread=7, nobias=self.nobias, dtype=self.dtype)
+        gy = rng.uniform(-1, 1, (self.n, 4) + offset.shape[2:]).astype(
             self.dtype)
         problems = disagreements(
             (x, offset, W, b, mask), gy, tolerance(self.dtype),
-            stride=stride, pad=pad, dilate=self.dilate, groups=self.groups)
+            stride=self.stride, pad=self.pad, dilate=self.dilate,
+            groups=self.groups)
         assert not problems, problems
 
 

@@ -14,8 +14,7 @@ from chainer import testing
 
 import deformable
 
-
-BACKENDS = [{}, {'use_cuda': True}]
+from helpers import BACKENDS
 
 
 def to_cpu(array):

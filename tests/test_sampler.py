@@ -16,86 +16,24 @@ from deformable import backends
 from deformable import functions
 from deformable import tuning
 
+import helpers
+from helpers import forward_backward
+from helpers import make_inputs
+from helpers import random_offset
+from helpers import relative_error
 import naive
 
 
-BACKENDS = [{}, {'use_cuda': True}]
-# The CPU path's two implementations of its loops.
-CPU_KERNELS = ['never', 'always']
-
-
-def cpu_kernels(use_numba):
-    """Selects the pure-NumPy ('never') or compiled ('always') CPU loops."""
-    if use_numba == 'always':
-        pytest.importorskip('numba')
-    return chainer.using_config('deformable_use_numba', use_numba)
-
-
-def select_cpu_kernels(test_case):
-    """:func:`cpu_kernels` of ``test_case.use_numba`` for the whole test."""
-    config = cpu_kernels(test_case.use_numba)
-    config.__enter__()
-    test_case.addCleanup(config.__exit__, None, None, None)
-
-
-def output_size(size, k, s, p):
-    return (size + 2 * p - k) // s + 1
-
-
-def random_offset(shape, spread, rng):
-    """Offsets whose sample points sit at least 0.2 from any integer.
-
-    Sample positions are integers plus the offset, so a fraction in
-    [0.2, 0.8] keeps every sample clear of the bilinear kinks (and of the
-    clamping at -1 and the far border) that numerical gradients would trip
-    over. ``spread`` is the range of the integer part: large enough to push
-    samples across the border and out of the image.
-    """
-    whole = rng.randint(-spread, spread + 1, size=shape)
-    frac = rng.uniform(0.2, 0.8, size=shape)
-    return whole + frac
-
-
-def make_inputs(n, c_in, c_out, h, w, ksize, stride, pad, dtype, rng,
-                spread=3, nobias=False):
-    kh, kw = ksize
-    out_h = output_size(h, kh, stride[0], pad[0])
-    out_w = output_size(w, kw, stride[1], pad[1])
-    x = rng.uniform(-1, 1, (n, c_in, h, w))
-    offset = random_offset((n, 2 * kh * kw, out_h, out_w), spread, rng)
-    W = rng.uniform(-1, 1, (c_out, c_in, kh, kw))
-    b = rng.uniform(-1, 1, (c_out,))
-    arrays = (x, offset, W) if nobias else (x, offset, W, b)
-    return tuple(a.astype(dtype) for a in arrays)
-
-
-GRID = testing.product({
-    'ksize': [(1, 1), (3, 3), (2, 3)],
-    'stride': [(1, 1), (2, 3), (3, 2)],
-    'pad': [(0, 0), (1, 2), (2, 1)],
-    'dtype': [numpy.float64],
-}) + testing.product({
-    'ksize': [(3, 3), (2, 3)],
-    'stride': [(1, 1), (2, 2)],
-    'pad': [(1, 1)],
-    'dtype': [numpy.float32, numpy.float16],
-})
-
-
-class SamplerGradientsMixin(object):
-    """Forward against the loop reference, and check_backward, on a grid."""
+@helpers.parameterize_backends(*helpers.DCNV1_GRID)
+class TestSamplerGradients(testing.FunctionTestCase):
+    """Forward against the loop reference, and check_backward, on a grid
+    (a rectangular input, batch 1-3)."""
 
     skip_double_backward_test = True
 
     def setUp(self):
-        # For the whole test: check_backward runs the backward later.
-        select_cpu_kernels(self)
-        rng = numpy.random.RandomState(
+        self.rng = numpy.random.RandomState(
             sum(self.ksize + self.stride + self.pad))
-        # Batch 1-3 and a rectangular input, varied across the grid.
-        self.n = 1 + (self.ksize[1] + self.stride[0] + self.pad[1]) % 3
-        self.nobias = self.stride == (3, 2)
-        self.rng = rng
         if self.dtype == numpy.float16:
             self.check_forward_options = {'atol': 5e-2, 'rtol': 5e-2}
             self.check_backward_options = {'atol': 5e-1, 'rtol': 1e-1}
@@ -120,41 +58,14 @@ class SamplerGradientsMixin(object):
         return y.astype(self.dtype),
 
 
-@testing.parameterize(*GRID)
-@testing.inject_backend_tests(None, BACKENDS)
-class TestSamplerGradients(SamplerGradientsMixin, testing.FunctionTestCase):
-    use_numba = 'never'
-
-
-@testing.parameterize(*GRID)
-@testing.inject_backend_tests(None, [{}])
-class TestSamplerGradientsCompiled(SamplerGradientsMixin,
-                                   testing.FunctionTestCase):
-    use_numba = 'always'
-
-
-def relative_error(actual, expected):
-    actual = backend.CpuDevice().send(actual)
-    return (numpy.abs(actual - expected).max()
-            / max(numpy.abs(expected).max(), 1e-300))
-
-
-def forward_backward(function, inputs, gy, stride, pad):
-    variables = [chainer.Variable(a.copy()) for a in inputs]
-    y = function(*variables, stride=stride, pad=pad)
-    y.grad = gy
-    y.backward()
-    return y.array, [v.grad for v in variables]
-
-
-class AgreementMixin(object):
-    """Values and all four gradients equal Chainer's built-in, float64.
+@helpers.parameterize_backends(*testing.product({
+    'seed': list(range(12)), 'cpu_loops': helpers.CPU_LOOPS}))
+class TestAgreementWithChainer(unittest.TestCase):
+    """Values and all four gradients equal Chainer's built-in, float64, on
+    random shapes and offsets.
 
     Ours runs on the backend under test; the reference on the CPU.
     """
-
-    def setUp(self):
-        select_cpu_kernels(self)
 
     def test_agreement(self, backend_config):
         rng = numpy.random.RandomState(self.seed)
@@ -178,22 +89,11 @@ class AgreementMixin(object):
             assert relative_error(g, g_ref) < 1e-10, name
 
 
-@testing.parameterize(*testing.product({'seed': list(range(12))}))
-@testing.inject_backend_tests(None, BACKENDS)
-class TestAgreementWithChainer(AgreementMixin, unittest.TestCase):
-    use_numba = 'never'
-
-
-@testing.parameterize(*testing.product({'seed': list(range(12))}))
-@testing.inject_backend_tests(None, [{}])
-class TestAgreementWithChainerCompiled(AgreementMixin, unittest.TestCase):
-    use_numba = 'always'
-
-
-class ExactCasesMixin(object):
+@helpers.parameterize_backends(
+    *testing.product({'cpu_loops': helpers.CPU_LOOPS}))
+class TestExactCases(unittest.TestCase):
 
     def setUp(self):
-        select_cpu_kernels(self)
         rng = numpy.random.RandomState(0)
         self.x = rng.uniform(-1, 1, (2, 3, 6, 5))
         self.W = rng.uniform(-1, 1, (4, 3, 3, 3))
@@ -318,17 +218,7 @@ class ExactCasesMixin(object):
             assert relative_error(g, g_ref) < 1e-10
 
 
-@testing.inject_backend_tests(None, BACKENDS)
-class TestExactCases(ExactCasesMixin, unittest.TestCase):
-    use_numba = 'never'
-
-
-@testing.inject_backend_tests(None, [{}])
-class TestExactCasesCompiled(ExactCasesMixin, unittest.TestCase):
-    use_numba = 'always'
-
-
-@testing.parameterize(*testing.product({'use_numba': CPU_KERNELS}))
+@testing.parameterize(*testing.product({'cpu_loops': helpers.CPU_LOOPS}))
 class TestScatterMultiplicity(unittest.TestCase):
     """Groups of 1 to 16 samples landing on one point, for every size."""
 
@@ -344,10 +234,9 @@ class TestScatterMultiplicity(unittest.TestCase):
         offset = numpy.stack([target_x - grid_x.ravel(),
                               target_y - grid_y.ravel()]).reshape(1, 2, h, w)
         gy = rng.uniform(-1, 1, (1, 3, h, w))
-        with cpu_kernels(self.use_numba):
-            y, grads = forward_backward(
-                deformable.deformable_convolution_2d_sampler,
-                (x, offset, W), gy, 1, 0)
+        y, grads = forward_backward(
+            deformable.deformable_convolution_2d_sampler,
+            (x, offset, W), gy, 1, 0)
         y_ref, grads_ref = forward_backward(
             F.deformable_convolution_2d_sampler, (x, offset, W), gy, 1, 0)
         assert relative_error(y, y_ref) < 1e-10
@@ -355,13 +244,12 @@ class TestScatterMultiplicity(unittest.TestCase):
             assert relative_error(g, g_ref) < 1e-10
 
 
-@testing.parameterize(*testing.product({'use_numba': CPU_KERNELS}))
+@testing.parameterize(*testing.product({'cpu_loops': helpers.CPU_LOOPS}))
 class TestDeterministicAndChunked(unittest.TestCase):
     """Bit-identical gradients from run to run, whatever the threads do;
     and the same results however the batch is cut into chunks."""
 
     def setUp(self):
-        select_cpu_kernels(self)
         rng = numpy.random.RandomState(6)
         # Collapsed offsets: many samples scatter onto the same pixels.
         x, offset, W, b = make_inputs(7, 8, 6, 9, 8, (3, 3), (1, 1),
@@ -410,24 +298,25 @@ class TestDeterministicAndChunked(unittest.TestCase):
 
 class TestGradNodeWithoutCache(unittest.TestCase):
 
+    # The NumPy loops keep the forward's columns.
+    cpu_loops = 'numpy'
+
     def test_kept_columns_give_the_recomputed_gradients(self):
-        # The NumPy loops keep the forward's columns; a gradient node
-        # without them recomputes them, to the same bits.
+        # A gradient node without the forward's columns recomputes them,
+        # to the same bits.
         rng = numpy.random.RandomState(3)
         x, offset, W = make_inputs(2, 3, 4, 5, 6, (3, 2), (1, 2), (1, 0),
                                    numpy.float64, rng, nobias=True)
         gy = rng.uniform(-1, 1, (2, 4, 5, 3))
         node = functions.DeformableConvolution2DFunction((1, 2), (1, 0))
-        with cpu_kernels('never'):
-            node.apply((x, offset, W))
-            assert len(node._kept) == 1
-            needed = functions.DeformableConvolution2DGradFunction.GRADIENTS[
-                :3]
-            kept = functions.DeformableConvolution2DGradFunction(
-                node.hyperparameters, needed, node._kept).apply(
-                    (x, offset, W, gy))
-            recomputed = functions.DeformableConvolution2DGradFunction(
-                node.hyperparameters, needed).apply((x, offset, W, gy))
+        node.apply((x, offset, W))
+        assert len(node._kept) == 1
+        needed = functions.DeformableConvolution2DGradFunction.GRADIENTS[:3]
+        kept = functions.DeformableConvolution2DGradFunction(
+            node.hyperparameters, needed, node._kept).apply(
+                (x, offset, W, gy))
+        recomputed = functions.DeformableConvolution2DGradFunction(
+            node.hyperparameters, needed).apply((x, offset, W, gy))
         for a, b in zip(kept, recomputed):
             numpy.testing.assert_array_equal(a.array, b.array)
 

@@ -1,77 +1,40 @@
 """The general op: dilation, groups, offset groups and the DCNv2 mask.
 
 Gradients by ``check_backward`` and values against the loop reference
-(``naive.py``) on a grid of every feature and their combinations, for both
-CPU implementations and the GPU; values against an independent
-implementation, the ONNX reference evaluator's ``DeformConv``; and every
-bad input.
+(``naive.py``) on an all-pairs grid of every feature, for both CPU
+implementations and the GPU; values against independent implementations:
+the ONNX reference evaluator's ``DeformConv``, and Chainer's DCNv1 for the
+defaults; and every bad input.
 """
 
+import functools
 import unittest
 
 import numpy
 import pytest
 
 import chainer
+import chainer.functions as F
 from chainer import testing
 from chainer.utils import type_check
 
 import deformable
 
+import helpers
+from helpers import make_general_inputs
 import naive
-from test_sampler import BACKENDS
-from test_sampler import cpu_kernels
-from test_sampler import random_offset
-from test_sampler import select_cpu_kernels
 
 
-def output_size(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def make_general_inputs(rng, n, c_in, c_out, h, w, ksize, stride, pad,
-                        dilate, groups, offset_groups, with_mask, spread,
-                        nobias=False, dtype=numpy.float64):
-    """``(x, offset, W, b, mask)``, ``b`` and ``mask`` possibly None."""
-    kh, kw = ksize
-    out_h = output_size(h, kh, stride[0], pad[0], dilate[0])
-    out_w = output_size(w, kw, stride[1], pad[1], dilate[1])
-    n_taps = kh * kw
-    x = rng.uniform(-1, 1, (n, c_in, h, w))
-    offset = random_offset((n, 2 * offset_groups * n_taps, out_h, out_w),
-                           spread, rng)
-    W = rng.uniform(-1, 1, (c_out, c_in // groups, kh, kw))
-    b = None if nobias else rng.uniform(-1, 1, (c_out,))
-    mask = rng.uniform(-0.5, 1.5, (n, offset_groups * n_taps, out_h, out_w)) \
-        if with_mask else None
-    return tuple(None if a is None else a.astype(dtype)
-                 for a in (x, offset, W, b, mask))
-
-
-GRID = testing.product({
-    'dilate': [(1, 1), (2, 1)],
-    'groups': [1, 2],
-    'offset_groups': [1, 2, 4],
-    'with_mask': [False, True],
-})
-# Strides, pads, kernels and batch sizes vary along the grid.
-for index, params in enumerate(GRID):
-    params['ksize'] = [(3, 3), (2, 3), (1, 2)][index % 3]
-    params['stride'] = [(1, 1), (2, 1), (1, 3), (2, 2)][index % 4]
-    params['pad'] = [(1, 1), (0, 2), (2, 0)][index % 3]
-    params['n'] = 1 + index % 2
-
-
-class GeneralGradientsMixin(object):
+@helpers.parameterize_backends(*helpers.GENERAL_GRID)
+class TestGeneralGradients(testing.FunctionTestCase):
+    """Forward against the loop reference, and check_backward, on a grid of
+    every feature (4 input channels)."""
 
     skip_double_backward_test = True
 
     def setUp(self):
-        # For the whole test: check_backward runs the backward later.
-        select_cpu_kernels(self)
         self.check_forward_options = {'atol': 1e-12, 'rtol': 1e-12}
         self.check_backward_options = {'atol': 1e-7, 'rtol': 1e-7}
-        self.nobias = self.groups == 2 and self.offset_groups == 2
 
     def generate_inputs(self):
         rng = numpy.random.RandomState(
@@ -101,31 +64,36 @@ class GeneralGradientsMixin(object):
                              self.dilate, self.groups, mask),
 
 
-@testing.parameterize(*GRID)
-@testing.inject_backend_tests(None, BACKENDS)
-class TestGeneralGradients(GeneralGradientsMixin, testing.FunctionTestCase):
-    use_numba = 'never'
-
-
-@testing.parameterize(*GRID)
-@testing.inject_backend_tests(None, [{}])
-class TestGeneralGradientsCompiled(GeneralGradientsMixin,
-                                   testing.FunctionTestCase):
-    use_numba = 'always'
-
-
+@testing.parameterize(*testing.product({'cpu_loops': helpers.CPU_LOOPS}))
 class TestDefaultsAreDCNv1(unittest.TestCase):
 
-    def test_explicit_defaults_change_nothing(self):
+    def test_defaults_spelled_out_are_chainers_dcnv1(self):
+        # No dilation, one group and no mask, left out or spelled out, are
+        # DCNv1: Chainer's own implementation, values and every gradient.
         rng = numpy.random.RandomState(1)
         x, offset, W, b, _ = make_general_inputs(
             rng, 2, 3, 4, 6, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, False,
             spread=3)
-        implicit = deformable.deformable_convolution_2d_sampler(
-            x, offset, W, b, 1, 1)
-        explicit = deformable.deformable_convolution_2d_sampler(
-            x, offset, W, b, 1, 1, dilate=1, groups=1, mask=None)
-        numpy.testing.assert_array_equal(implicit.array, explicit.array)
+        gy = rng.uniform(-1, 1, (2, 4, 6, 5))
+
+        def run(function, **features):
+            variables = [chainer.Variable(a.copy())
+                         for a in (x, offset, W, b)]
+            y = function(*variables, stride=1, pad=1, **features)
+            y.grad = gy
+            y.backward()
+            return [y.array] + [v.grad for v in variables]
+
+        expected = run(F.deformable_convolution_2d_sampler)
+        for features in ({}, {'dilate': 1, 'groups': 1, 'mask': None},
+                         {'dilate': (1, 1), 'groups': 1, 'mask': None}):
+            actual = run(deformable.deformable_convolution_2d_sampler,
+                         **features)
+            for name, a, e in zip(['y', 'gx', 'goffset', 'gW', 'gb'],
+                                  actual, expected):
+                numpy.testing.assert_allclose(
+                    a, e, rtol=1e-12, atol=1e-12,
+                    err_msg='{} with {}'.format(name, features))
 
     def test_mask_of_ones_is_no_mask(self):
         rng = numpy.random.RandomState(2)
@@ -147,17 +115,15 @@ class TestDefaultsAreDCNv1(unittest.TestCase):
             spread=3)
         offset = rng.randint(-3, 4, size=(2, 36, 6, 5)).astype(numpy.float64)
         gy = rng.uniform(-1, 1, (2, 2, 6, 5))
-        for use_numba in ('never', 'always'):
-            offset_v = chainer.Variable(offset)
-            with cpu_kernels(use_numba):
-                y = deformable.deformable_convolution_2d_sampler(
-                    x, offset_v, W, b, 1, (2, 1), (2, 1), 2, mask)
-                y.grad = gy
-                y.backward()
-            expected = naive.offset_grad(x, offset, W, gy, (1, 1), (2, 1),
-                                         (2, 1), 2, mask)
-            numpy.testing.assert_allclose(offset_v.grad, expected,
-                                          rtol=0, atol=1e-12)
+        offset_v = chainer.Variable(offset)
+        y = deformable.deformable_convolution_2d_sampler(
+            x, offset_v, W, b, 1, (2, 1), (2, 1), 2, mask)
+        y.grad = gy
+        y.backward()
+        expected = naive.offset_grad(x, offset, W, gy, (1, 1), (2, 1),
+                                     (2, 1), 2, mask)
+        numpy.testing.assert_allclose(offset_v.grad, expected,
+                                      rtol=0, atol=1e-12)
 
 
 # --- ONNX's DeformConv: an independent implementation -----------------------
@@ -219,10 +185,10 @@ def test_layout_conversion_round_trip():
     numpy.testing.assert_array_equal(from_interleaved(theirs, 3, 6), offset)
 
 
-@pytest.mark.parametrize('seed', range(16))
-@pytest.mark.parametrize('use_numba', ['never', 'always'])
-def test_agrees_with_onnx_reference(seed, use_numba):
-    pytest.importorskip('onnx')
+@functools.lru_cache(maxsize=None)
+def onnx_case(seed):
+    """Random arguments of every feature, and ONNX's output for them
+    (computed once for both CPU loops: the evaluator is slow)."""
     rng = numpy.random.RandomState(100 + seed)
     groups = rng.choice([1, 2, 3])
     offset_groups = rng.choice([1, 2, 3, 6])
@@ -241,13 +207,19 @@ def test_agrees_with_onnx_reference(seed, use_numba):
     # onnx.reference's GridSample keeps sample coordinates in float32:
     # offsets on a 1/256 grid give positions it holds exactly.
     offset = numpy.round(offset * 256) / 256
-    with cpu_kernels(use_numba):
-        y = deformable.deformable_convolution_2d_sampler(
-            x, offset, W, b, stride, pad, dilate, groups, mask).array
     n_taps = ksize[0] * ksize[1]
     y_onnx = onnx_deform_conv(
         x, to_interleaved(offset, offset_groups, n_taps), W, b, mask,
         stride, pad, dilate, groups, offset_groups)
+    return (x, offset, W, b, stride, pad, dilate, groups, mask), y_onnx
+
+
+@pytest.mark.parametrize('seed', range(16))
+@pytest.mark.parametrize('cpu_loops', helpers.CPU_LOOPS)
+def test_agrees_with_onnx_reference(seed, cpu_loops):
+    pytest.importorskip('onnx')
+    arguments, y_onnx = onnx_case(seed)
+    y = deformable.deformable_convolution_2d_sampler(*arguments).array
     assert y.shape == y_onnx.shape
     error = numpy.abs(y - y_onnx).max() / numpy.abs(y_onnx).max()
     assert error <= 1e-10

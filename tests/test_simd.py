@@ -3,12 +3,17 @@ channel count around the vector width (whole vectors, one vector exactly, a
 tail only, vectors and a tail), and the compiled op at those widths against the
 pure-NumPy loops."""
 
+import itertools
+
 import numpy
 import pytest
 
 import chainer
 
 import deformable
+from deformable import tuning
+
+import helpers
 
 numba = pytest.importorskip('numba')
 simd = pytest.importorskip('deformable.backends.simd')
@@ -91,12 +96,35 @@ def test_blend(count, dtype):
     assert (flat[:AT] == 7).all() and (flat[AT + count:] == 7).all()
 
 
-@pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('count', COUNTS)
-@pytest.mark.parametrize('dots', [False, True])
-@pytest.mark.parametrize('scatter', [False, True])
-@pytest.mark.parametrize('accumulate', [False, True])
-@pytest.mark.parametrize('fill', [False, True])
+def lanes(dtype):
+    return tuning.VECTOR_BYTES // numpy.dtype(dtype).itemsize
+
+
+def tap_backward_cases():
+    """tap_backward's cases: every pair of count, dtype and flag; and for
+    each dtype (its own compiled code) each of its eight loops (one per
+    choice of dots, scatter and fill) at exactly one vector, and at whole
+    vectors and a tail (both loops entered and left), so every branch of
+    each; accumulating and not, after dots."""
+    required = []
+    for dtype in DTYPES:
+        # Vectors and a tail at this width, taken in turn by the loops.
+        both = [c for c in COUNTS if c > lanes(dtype) and c % lanes(dtype)]
+        for index, (dots, scatter, fill) in enumerate(
+                itertools.product([False, True], repeat=3)):
+            leaf = {'dtype': dtype, 'dots': dots, 'scatter': scatter,
+                    'fill': fill}
+            required.append(dict(leaf, count=lanes(dtype),
+                                 accumulate=False))
+            required.append(dict(leaf, count=both[index % len(both)],
+                                 accumulate=True))
+    return helpers.pairwise([
+        ('count', COUNTS), ('dtype', DTYPES), ('dots', [False, True]),
+        ('scatter', [False, True]), ('fill', [False, True]),
+        ('accumulate', [False, True])], required=required)
+
+
+@helpers.pytest_cases(tap_backward_cases())
 def test_tap_backward(count, dtype, dots, scatter, fill, accumulate):
     source, weights, grad_columns = arrays(count, dtype)
     target = numpy.zeros_like(source)
@@ -151,11 +179,14 @@ def test_mixed_dtypes_are_refused():
 
 # --- The op at those widths ------------------------------------------------
 
-@pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('width,offset_groups,groups', [
-    (8, 1, 1), (8, 4, 1), (16, 2, 1), (17, 1, 1), (9, 2, 2), (33, 1, 1),
-    (12, 2, 1), (4, 1, 1)])
-@pytest.mark.parametrize('with_mask', [False, True])
+# Each width with each dtype (whose vector width tells whole vectors from a
+# tail); the mask, a runtime branch, with each.
+@helpers.pytest_cases(helpers.pairwise([
+    (('width', 'offset_groups', 'groups'), [
+        (8, 1, 1), (8, 4, 1), (16, 2, 1), (17, 1, 1), (9, 2, 2), (33, 1, 1),
+        (12, 2, 1), (4, 1, 1)]),
+    ('dtype', DTYPES),
+    ('with_mask', [False, True])]))
 def test_compiled_op_agrees_with_numpy_loops(width, offset_groups, groups,
                                              dtype, with_mask):
     """``width`` channels per offset group; all the gradients."""
@@ -172,10 +203,10 @@ def test_compiled_op_agrees_with_numpy_loops(width, offset_groups, groups,
     gy = rng.uniform(-1, 1, (n, 2 * groups, h, w)).astype(dtype)
 
     results = []
-    for use_numba in ('never', 'always'):
+    for cpu_loops in helpers.CPU_LOOPS:
         inputs = [chainer.Variable(a) for a in (x, offset, W, b)]
         mask_v = None if mask is None else chainer.Variable(mask)
-        with chainer.using_config('deformable_use_numba', use_numba):
+        with helpers.using_cpu_loops(cpu_loops):
             y = deformable.deformable_convolution_2d_sampler(
                 *inputs, stride=1, pad=1, groups=groups, mask=mask_v)
             y.grad = gy
@@ -189,10 +220,11 @@ def test_compiled_op_agrees_with_numpy_loops(width, offset_groups, groups,
                                       atol=tolerance * scale)
 
 
-def test_64_bit_plane_positions_give_the_same_results(monkeypatch):
+@pytest.mark.parametrize('cpu_loops', ['numba'])
+def test_64_bit_plane_positions_give_the_same_results(monkeypatch,
+                                                      cpu_loops):
     """Images too large for 32-bit positions take 64-bit ones (forced here
     on a small image): the same results, bit for bit."""
-    from deformable import tuning
     from deformable.backends import cpu
     from deformable.backends import numba_loops
     rng = numpy.random.RandomState(7)
@@ -204,11 +236,10 @@ def test_64_bit_plane_positions_give_the_same_results(monkeypatch):
 
     def run():
         inputs = [chainer.Variable(a) for a in (x, offset, W, mask)]
-        with chainer.using_config('deformable_use_numba', 'always'):
-            y = deformable.deformable_convolution_2d_sampler(
-                inputs[0], inputs[1], inputs[2], pad=1, mask=inputs[3])
-            y.grad = gy
-            y.backward()
+        y = deformable.deformable_convolution_2d_sampler(
+            inputs[0], inputs[1], inputs[2], pad=1, mask=inputs[3])
+        y.grad = gy
+        y.backward()
         return [y.array] + [v.grad for v in inputs]
 
     narrow = run()
