@@ -41,17 +41,15 @@ class DeformableConvolution2DSampler(link.Link):
         self.groups = arguments.positive_int(groups, 'groups')
         self.out_channels = out_channels
         with self.init_scope():
-            # A Parameter takes an initializer, a scalar or an array; None
-            # would be NaN, so the convolution's default is named here.
             self.W = chainer.Parameter(
-                initializers.LeCunNormal() if initialW is None else initialW)
+                _initializer(initialW, initializers.LeCunNormal()))
             if in_channels is not None:
                 self._initialize_params(in_channels)
             if nobias:
                 self.b = None
             else:
                 self.b = chainer.Parameter(
-                    0 if initial_bias is None else initial_bias,
+                    _initializer(initial_bias, initializers.Zero()),
                     out_channels)
 
     def _initialize_params(self, in_channels):
@@ -69,6 +67,17 @@ class DeformableConvolution2DSampler(link.Link):
         return functions.deformable_convolution_2d_sampler(
             x, offset, self.W, self.b, self.stride, self.pad, self.dilate,
             self.groups, mask)
+
+
+def _initializer(value, default):
+    """An initializer, a scalar or an array as an initializer (``default``
+    for None), as Chainer's links take them. (Chainer's own function for
+    this, ``initializers._get_initializer``, is private.)"""
+    if value is None:
+        return default
+    if isinstance(value, chainer.get_array_types()) or numpy.isscalar(value):
+        return initializers.Constant(value)
+    return value
 
 
 class OffsetConvolution2D(chainer.links.Convolution2D):

@@ -11,6 +11,7 @@ from chainer import gradient_check
 
 import deformable
 
+import helpers
 import kernel_emulation
 
 
@@ -135,27 +136,10 @@ def ours(x, offset, W, b, mask, **params):
         x, offset, W, b, mask=mask, **params)
 
 
-PATHS = ['never', 'always', 'gpu kernels, emulated']
-
-
-def run_path(path, function):
-    if path == 'gpu kernels, emulated':
-        if not kernel_emulation.compiler_available():
-            pytest.skip('needs a C++ compiler')
-        with kernel_emulation.gpu_path_on_cpu():
-            return function()
-    if path == 'always':
-        pytest.importorskip('numba')
-    with chainer.using_config('deformable_use_numba', path):
-        return function()
-
-
-@pytest.mark.parametrize('path', PATHS)
-@pytest.mark.parametrize('index', range(len(CASES)))
-def test_derivatives_match_the_composite(path, index):
+def check_against_the_composite(index):
     arrays, params, _ = make_case(CASES[index], index)
     expected = derivatives(composite, arrays, params, index)
-    actual = run_path(path, lambda: derivatives(ours, arrays, params, index))
+    actual = derivatives(ours, arrays, params, index)
     for order, (got, want) in enumerate(zip(actual, expected)):
         for a, e in zip(got, want):
             if e is None:
@@ -164,6 +148,20 @@ def test_derivatives_match_the_composite(path, index):
             a = numpy.zeros_like(e) if a is None else a
             scale = max(numpy.abs(e).max(), 1e-300)
             assert numpy.abs(a - e).max() / scale <= 1e-10, order
+
+
+@pytest.mark.parametrize('cpu_loops', helpers.CPU_LOOPS)
+@pytest.mark.parametrize('index', range(len(CASES)))
+def test_derivatives_match_the_composite(cpu_loops, index):
+    check_against_the_composite(index)
+
+
+@pytest.mark.skipif(not kernel_emulation.compiler_available(),
+                    reason='needs a C++ compiler')
+@pytest.mark.parametrize('index', range(len(CASES)))
+def test_derivatives_on_the_gpu_path_match_the_composite(index):
+    with kernel_emulation.gpu_path_on_cpu():
+        check_against_the_composite(index)
 
 
 def test_gradient_of_one_output_needs_only_it():
@@ -201,12 +199,10 @@ def test_gradient_of_one_output_needs_only_it():
 
 
 @pytest.mark.parametrize('modulated', [False, True])
-@pytest.mark.parametrize('use_numba', ['never', 'always'])
-def test_link_double_backprop(modulated, use_numba):
+@pytest.mark.parametrize('cpu_loops', helpers.CPU_LOOPS)
+def test_link_double_backprop(modulated, cpu_loops):
     # chainer.grad with enable_double_backprop through the link, offsets
     # predicted by offset_conv (random weights: non-zero offsets).
-    if use_numba == 'always':
-        pytest.importorskip('numba')
     rng = numpy.random.RandomState(5)
     with chainer.using_config('dtype', numpy.float64):
         link = deformable.DeformableConvolution2D(
@@ -218,7 +214,6 @@ def test_link_double_backprop(modulated, use_numba):
     params = tuple(link.params())
     grad_grads = (rng.uniform(-1, 1, x.shape),) + tuple(
         rng.uniform(-1, 1, p.shape) for p in params)
-    with chainer.using_config('deformable_use_numba', use_numba):
-        gradient_check.check_double_backward(
-            link, x, gy, grad_grads, params=params, eps=1e-6, atol=1e-5,
-            rtol=1e-5)
+    gradient_check.check_double_backward(
+        link, x, gy, grad_grads, params=params, eps=1e-6, atol=1e-5,
+        rtol=1e-5)

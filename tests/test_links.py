@@ -251,6 +251,24 @@ class TestLinkHooks(unittest.TestCase):
         assert hook.links == [link.offset_conv]
 
 
+class TestInitializers(unittest.TestCase):
+
+    def test_arrays_scalars_and_initializers(self):
+        W = numpy.arange(4 * 3 * 9, dtype=numpy.float32).reshape(4, 3, 3, 3)
+        link = deformable.DeformableConvolution2D(
+            None, 4, 3, deform_initialW=W, deform_initial_bias=0.5,
+            offset_initialW=initializers.Constant(0.25),
+            offset_initial_bias=numpy.full(18, 2, numpy.float32))
+        link(numpy.zeros((1, 3, 5, 5), numpy.float32))   # deferred init
+        numpy.testing.assert_array_equal(link.deform_conv.W.array, W)
+        assert (link.deform_conv.b.array == 0.5).all()
+        assert (link.offset_conv.W.array == 0.25).all()
+        assert (link.offset_conv.b.array == 2).all()
+        default = deformable.DeformableConvolution2D(3, 4, 3)
+        assert default.deform_conv.W.array.std() > 0
+        assert not default.deform_conv.b.array.any()
+
+
 class TestGeneralBadArguments(unittest.TestCase):
 
     def test_offset_groups(self):

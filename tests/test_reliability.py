@@ -12,16 +12,8 @@ from chainer.utils import type_check
 import deformable
 from deformable.backends import threads
 
+import helpers
 import kernel_emulation
-
-
-CPU_LOOPS = ['never', 'always']
-
-
-def loops(use_numba):
-    if use_numba == 'always':
-        pytest.importorskip('numba')
-    return chainer.using_config('deformable_use_numba', use_numba)
 
 
 GENERAL = {'pad': (2, 1), 'dilate': (2, 1), 'groups': 2}
@@ -82,16 +74,20 @@ def blas_threads():
 
 class TestConcurrentCallers(object):
 
+    cpu_loops = 'numba'   # the loops that run threads
+
     def test_each_call_gives_its_single_caller_result(self):
         # Several Python threads calling the op at once, on every core.
         cases = [general_case(seed) for seed in range(3)] + [
             general_case(3, n=1, size=(30, 27)), dcnv1_case(4)]
-        with loops('always'):
-            expected = [forward_backward(*case) for case in cases]
-            before = blas_threads()
-            failures = []
+        expected = [forward_backward(*case) for case in cases]
+        before = blas_threads()
+        failures = []
+        # chainer.config is per thread: each caller picks the loops again.
+        use_numba = chainer.config.deformable_use_numba
 
-            def caller(index):
+        def caller(index):
+            with chainer.using_config('deformable_use_numba', use_numba):
                 for repeat in range(8):
                     case = (index + repeat) % len(cases)
                     try:
@@ -99,12 +95,12 @@ class TestConcurrentCallers(object):
                                          expected[case])
                     except AssertionError:
                         failures.append(case)
-            callers = [threading.Thread(target=caller, args=(i,))
-                       for i in range(4)]
-            for thread in callers:
-                thread.start()
-            for thread in callers:
-                thread.join()
+        callers = [threading.Thread(target=caller, args=(i,))
+                   for i in range(4)]
+        for thread in callers:
+            thread.start()
+        for thread in callers:
+            thread.join()
         assert not failures
         assert blas_threads() == before
 
@@ -139,18 +135,17 @@ class TestConcurrentCallers(object):
             assert blas_threads() == before
 
 
-@pytest.mark.parametrize('use_numba', CPU_LOOPS)
-def test_results_do_not_depend_on_the_number_of_threads(use_numba,
+@pytest.mark.parametrize('cpu_loops', helpers.CPU_LOOPS)
+def test_results_do_not_depend_on_the_number_of_threads(cpu_loops,
                                                         monkeypatch):
     # Several image groups, one big image (rows of it in parallel), and
     # products big enough for BLAS to take several threads if let.
     cases = [general_case(0, n=7), general_case(1, n=1, size=(40, 33)),
              dcnv1_case(2)]
     results = {}
-    with loops(use_numba):
-        for workers in ('1', '2', '7'):
-            monkeypatch.setenv(threads.ENV_THREADS, workers)
-            results[workers] = [forward_backward(*case) for case in cases]
+    for workers in ('1', '2', '7'):
+        monkeypatch.setenv(threads.ENV_THREADS, workers)
+        results[workers] = [forward_backward(*case) for case in cases]
     for workers in ('2', '7'):
         for case, expected in zip(results[workers], results['1']):
             assert_same_bits(case, expected)
@@ -166,23 +161,32 @@ def test_bad_thread_count_is_named(value, monkeypatch):
 
 # --- An empty batch ----------------------------------------------------------
 
-@pytest.mark.parametrize('path', CPU_LOOPS + ['gpu kernels, emulated'])
-def test_empty_batch(path):
+def empty_batch():
     (x, offset, W, b, mask), gy = general_case(0)
-    inputs = [x[:0], offset[:0], W, b, mask[:0]]
-    if path == 'gpu kernels, emulated':
-        if not kernel_emulation.compiler_available():
-            pytest.skip('needs a C++ compiler')
-        with kernel_emulation.gpu_path_on_cpu():
-            results = forward_backward(inputs, gy[:0])
-    else:
-        with loops(path):
-            results = forward_backward(inputs, gy[:0])
+    return [x[:0], offset[:0], W, b, mask[:0]], gy[:0]
+
+
+def check_empty_batch_results(results, inputs):
     y, gx, goffset, gW, gb, gmask = results
     assert y.shape == (0, 6, 9, 10)
     for grad, array in zip((gx, goffset, gW, gb, gmask), inputs):
         assert grad.shape == array.shape and grad.dtype == array.dtype
     assert not gW.any() and not gb.any()
+
+
+@pytest.mark.parametrize('cpu_loops', helpers.CPU_LOOPS)
+def test_empty_batch(cpu_loops):
+    inputs, gy = empty_batch()
+    check_empty_batch_results(forward_backward(inputs, gy), inputs)
+
+
+@pytest.mark.skipif(not kernel_emulation.compiler_available(),
+                    reason='needs a C++ compiler')
+def test_empty_batch_on_the_gpu_path():
+    inputs, gy = empty_batch()
+    with kernel_emulation.gpu_path_on_cpu():
+        results = forward_backward(inputs, gy)
+    check_empty_batch_results(results, inputs)
 
 
 @pytest.mark.parametrize('modulated', [False, True])

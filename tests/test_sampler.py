@@ -29,8 +29,6 @@ class TestSamplerGradients(testing.FunctionTestCase):
     """Forward against the loop reference, and check_backward, on a grid
     (a rectangular input, batch 1-3)."""
 
-    skip_double_backward_test = True
-
     def setUp(self):
         self.rng = numpy.random.RandomState(
             sum(self.ksize + self.stride + self.pad))
@@ -43,6 +41,7 @@ class TestSamplerGradients(testing.FunctionTestCase):
         else:
             self.check_forward_options = {'atol': 1e-12, 'rtol': 1e-12}
             self.check_backward_options = {'atol': 1e-7, 'rtol': 1e-7}
+        self.check_double_backward_options = self.check_backward_options
 
     def generate_inputs(self):
         return make_inputs(self.n, 2, 3, 6, 7, self.ksize, self.stride,

@@ -30,11 +30,10 @@ class TestGeneralGradients(testing.FunctionTestCase):
     """Forward against the loop reference, and check_backward, on a grid of
     every feature (4 input channels)."""
 
-    skip_double_backward_test = True
-
     def setUp(self):
         self.check_forward_options = {'atol': 1e-12, 'rtol': 1e-12}
         self.check_backward_options = {'atol': 1e-7, 'rtol': 1e-7}
+        self.check_double_backward_options = self.check_backward_options
 
     def generate_inputs(self):
         rng = numpy.random.RandomState(

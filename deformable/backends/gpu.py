@@ -86,8 +86,7 @@ __device__ T pixel(const T* image, int h, int w, int y, int x) {
     const int y0 = axis_geometry(pos_y, h, &fy, &inside_y);                \
     const int x0 = axis_geometry(pos_x, w, &fx, &inside_x);                \
     const int group_channels = c_in / G;                                   \
-    const ptrdiff_t first_channel = (ptrdiff_t)group * group_channels;     \
-    const int c_group = c_in / groups;
+    const ptrdiff_t first_channel = (ptrdiff_t)group * group_channels;
 '''
 
 # Sizes and geometry, the trailing parameters of every kernel. Without a
@@ -120,7 +119,7 @@ SAMPLE_COLUMNS = KernelSource(
     for (ptrdiff_t ch = first_channel; ch < first_channel + group_channels;
          ++ch) {
         const T* image = &x[(n * c_in + ch) * h * w];
-        col[column_row(ch, k, K, c_group) * P + p] =
+        col[column_row(ch, k, K, c_in / groups) * P + p] =
             m * ((1 - fy) * ((1 - fx) * pixel(image, h, w, y0, x0)
                              + fx * pixel(image, h, w, y0, x0 + 1))
                  + fy * ((1 - fx) * pixel(image, h, w, y0 + 1, x0)
@@ -142,7 +141,7 @@ SCATTER_COLUMNS = KernelSource(
         for (ptrdiff_t ch = first_channel;
              ch < first_channel + group_channels; ++ch) {
             T* image = &gx[(n * c_in + ch) * h * w];
-            const T g = gcol[column_row(ch, k, K, c_group) * P + p];
+            const T g = gcol[column_row(ch, k, K, c_in / groups) * P + p];
             for (int q = 0; q < 4; ++q) {
                 const int y = y0 + q / 2;
                 const int x = x0 + q % 2;
@@ -164,7 +163,7 @@ OFFSET_GRADS = KernelSource(
     for (ptrdiff_t ch = first_channel; ch < first_channel + group_channels;
          ++ch) {
         const T* image = &x[(n * c_in + ch) * h * w];
-        const T g = gcol[column_row(ch, k, K, c_group) * P + p];
+        const T g = gcol[column_row(ch, k, K, c_in / groups) * P + p];
         s00 += g * pixel(image, h, w, y0, x0);
         s01 += g * pixel(image, h, w, y0, x0 + 1);
         s10 += g * pixel(image, h, w, y0 + 1, x0);
