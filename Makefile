@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: venv test demo images bench verify-onnx clean FORCE
+.PHONY: venv test demo images bench gpu-kit verify-onnx clean FORCE
 
 venv: $(VENV)/.installed
 
@@ -58,6 +58,9 @@ images: venv
 	$(BIN)/python experiments/test_mnist.py --deformable 0 \
 		--resume results/regular/non_deformable_20 $(VIS_INDEX) \
 		--out images/non_deformable_vis_1.png
+	$(BIN)/python experiments/test_mnist.py --deformable 2 \
+		--resume results/modulated/modulated_iter_20 $(VIS_INDEX) \
+		--out images/modulated_vis_1.png
 
 bench: venv
 	$(BIN)/python benchmarks/bench_sampler.py

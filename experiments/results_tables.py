@@ -2,17 +2,18 @@
 """The README's results tables, made from the committed training logs.
 
     python experiments/results_tables.py            # prints the Markdown
-    python experiments/results_tables.py --readme   # puts it in README.md
 
 ``results/`` holds the runs (see the README, "Results"):
 
-* ``regular/`` and ``deformable/``: the full runs (``train_mnist.py`` with its
-  default flags and ``--seed 0``): ``log``, plots and the final model;
-* ``seeds/seed<N>/regular/`` and ``seeds/seed<N>/deformable/``: the seed
-  check, shorter runs with other seeds (``log`` and plots);
+* ``regular/``, ``deformable/`` and ``modulated/`` (DCNv2): the full runs
+  (``train_mnist.py`` with its default flags and ``--seed 0``): ``log``,
+  plots and the final model;
+* ``seeds/seed<N>/<model>/``: the seed check, shorter runs with other seeds
+  (``log`` and plots);
 * ``machine.txt``: where they ran.
 
-``tests/test_results.py`` checks that the README shows exactly this output.
+``tools/readme.py`` puts it in the README, and ``tests/test_readme.py``
+checks that the README shows exactly this output.
 """
 
 import argparse
@@ -24,23 +25,29 @@ import statistics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, 'results')
-README = os.path.join(ROOT, 'README.md')
-MODELS = ('regular', 'deformable')
+MODELS = ('regular', 'deformable', 'modulated')
+# The seed table's differences: (minuend, subtrahend).
+DIFFERENCES = (('deformable', 'regular'), ('modulated', 'deformable'))
+TITLES = {
+    'regular': 'Results on a convnet without Deformable Convolutions',
+    'deformable': 'Results on a convnet with Deformable Convolutions',
+    'modulated': 'Results on a convnet with Modulated Deformable '
+                 'Convolutions (DCNv2)',
+}
 FULL_EPOCHS = 20
 SEED_EPOCHS = 10  # the seed check's shorter runs
 MAIN_SEED = 0
 # Columns of train_mnist.py's PrintReport, as in the original's tables.
 COLUMNS = ('epoch', 'main/loss', 'validation/main/loss', 'main/accuracy',
            'validation/main/accuracy', 'elapsed_time')
-# The original README's figures (20 epochs, batch 100, Adam, a GPU).
+# The original README's figures (20 epochs, batch 100, Adam, a GPU); it
+# has no modulated convnet.
 ORIGINAL = {
     'regular': {'final': 0.9773, 'best': 0.9797, 'best_epoch': 19,
                 'elapsed': 375.998},
     'deformable': {'final': 0.9853, 'best': 0.9862, 'best_epoch': 18,
                    'elapsed': 1179.27},
 }
-BEGIN = '<!-- results_tables.py: begin -->'
-END = '<!-- results_tables.py: end -->'
 
 
 def read_log(path):
@@ -98,17 +105,16 @@ def markdown(results=RESULTS):
         machine = f.read().strip()
     out = []
 
-    titles = {'regular': 'Results on a convnet without Deformable '
-              'Convolutions', 'deformable': 'Results on a convnet with '
-              'Deformable Convolutions'}
     for model in MODELS:
-        out += ['#### {} (ours, seed {})'.format(titles[model], MAIN_SEED),
+        out += ['#### {} (ours, seed {})'.format(TITLES[model], MAIN_SEED),
                 '', '```', epoch_table(logs[model]), '```', '']
 
+    originals = [m for m in MODELS if m in ORIGINAL]
     out += ['#### Summary', '',
-            '| | regular (ours) | deformable (ours) | regular (original) '
-            '| deformable (original) |',
-            '|---|---|---|---|---|']
+            '| | {} | {} |'.format(
+                ' | '.join('{} (ours)'.format(m) for m in MODELS),
+                ' | '.join('{} (original)'.format(m) for m in originals)),
+            '|---|' + '---|' * (len(MODELS) + len(originals))]
     epochs = {model: logs[model][-1]['epoch'] for model in MODELS}
     bests = {model: best(logs[model]) for model in MODELS}
     rows = [
@@ -116,20 +122,21 @@ def markdown(results=RESULTS):
          [str(epochs[model]) + ('' if epochs[model] == FULL_EPOCHS
                                 else ' of {} (in progress)'.format(
                                     FULL_EPOCHS)) for model in MODELS],
-         [str(FULL_EPOCHS)] * 2),
+         [str(FULL_EPOCHS)] * len(originals)),
         ('validation accuracy, last epoch',
          [_fmt(accuracy(logs[model][-1])) for model in MODELS],
-         [_fmt(ORIGINAL[model]['final']) for model in MODELS]),
+         [_fmt(ORIGINAL[model]['final']) for model in originals]),
         ('best validation accuracy (epoch)',
          ['{} ({})'.format(_fmt(bests[m][0]), bests[m][1]) for m in MODELS],
          ['{} ({})'.format(_fmt(ORIGINAL[m]['best']),
-                           ORIGINAL[m]['best_epoch']) for m in MODELS]),
+                           ORIGINAL[m]['best_epoch']) for m in originals]),
         ('seconds per epoch',
          ['{:.0f}'.format(logs[m][-1]['elapsed_time'] / epochs[m])
           for m in MODELS],
          ['{:.1f}'.format(ORIGINAL[m]['elapsed'] / FULL_EPOCHS)
-          for m in MODELS]),
-        ('machine', [machine] * 2, ['a GPU (not named)'] * 2),
+          for m in originals]),
+        ('machine', [machine] * len(MODELS),
+         ['a GPU (not named)'] * len(originals)),
     ]
     for name, ours, original in rows:
         out.append('| {} | {} |'.format(name, ' | '.join(ours + original)))
@@ -137,73 +144,53 @@ def markdown(results=RESULTS):
 
     seeds = seed_runs(results)
     if seeds:
-        # The main run after SEED_EPOCHS epochs is the same as a run of
-        # SEED_EPOCHS epochs with its seed: nothing depends on the total.
-        seeds[MAIN_SEED] = {m: logs[m][:SEED_EPOCHS] for m in MODELS}
-        out += ['#### Seed check: validation accuracy after {} epochs'
-                .format(SEED_EPOCHS), '',
-                '| seed | regular | deformable | deformable - regular |',
-                '|---|---|---|---|']
-        done = {m: [] for m in MODELS + ('difference',)}
-        for seed in sorted(seeds):
-            cells, finished = [], {}
-            for model in MODELS:
-                log = seeds[seed].get(model, [])
-                if len(log) >= SEED_EPOCHS:
-                    finished[model] = accuracy(log[SEED_EPOCHS - 1])
-                    done[model].append(finished[model])
-                    cells.append(_fmt(finished[model]))
-                else:
-                    cells.append('epoch {} of {} (in progress)'.format(
-                        len(log), SEED_EPOCHS) if log else 'not run yet')
-            if len(finished) == len(MODELS):
-                difference = finished['deformable'] - finished['regular']
-                done['difference'].append(difference)
-                cells.append('{:+.4f}'.format(difference))
-            else:
-                cells.append('')
-            out.append('| {} | {} |'.format(seed, ' | '.join(cells)))
-        out.append('| mean ± std | {} |'.format(' | '.join(
-            '{} (n = {})'.format(_mean_std(done[k]), len(done[k]))
-            if done[k] else '' for k in MODELS + ('difference',))))
+        out += seed_table(seeds, logs)
     return '\n'.join(out).rstrip('\n')
 
 
-_BLOCK = re.compile(re.escape(BEGIN) + r'\n(.*)' + re.escape(END), re.S)
-
-
-def readme_block(readme_text):
-    """The part of the README between the markers, or None."""
-    match = _BLOCK.search(readme_text)
-    return match.group(1) if match else None
-
-
-def update_readme(path, text):
-    with open(path) as f:
-        readme = f.read()
-    if readme_block(readme) is None:
-        raise ValueError('{} lacks the lines {} and {}'.format(
-            path, BEGIN, END))
-    with open(path, 'w') as f:
-        f.write(_BLOCK.sub(lambda _: '{}\n{}\n{}'.format(BEGIN, text, END),
-                           readme))
+def seed_table(seeds, logs):
+    """The seed check's table: each model's accuracy after SEED_EPOCHS
+    epochs by seed, the DIFFERENCES, and their means and spreads."""
+    # The main run after SEED_EPOCHS epochs is the same as a run of
+    # SEED_EPOCHS epochs with its seed: nothing depends on the total.
+    seeds[MAIN_SEED] = {m: logs[m][:SEED_EPOCHS] for m in MODELS}
+    differences = ['{} - {}'.format(*pair) for pair in DIFFERENCES]
+    out = ['#### Seed check: validation accuracy after {} epochs'.format(
+        SEED_EPOCHS), '',
+        '| seed | {} |'.format(' | '.join(MODELS + tuple(differences))),
+        '|---|' + '---|' * (len(MODELS) + len(DIFFERENCES))]
+    done = {column: [] for column in MODELS + tuple(differences)}
+    for seed in sorted(seeds):
+        cells, finished = [], {}
+        for model in MODELS:
+            log = seeds[seed].get(model, [])
+            if len(log) >= SEED_EPOCHS:
+                finished[model] = accuracy(log[SEED_EPOCHS - 1])
+                done[model].append(finished[model])
+                cells.append(_fmt(finished[model]))
+            else:
+                cells.append('epoch {} of {} (in progress)'.format(
+                    len(log), SEED_EPOCHS) if log else 'not run yet')
+        for name, (a, b) in zip(differences, DIFFERENCES):
+            if a in finished and b in finished:
+                done[name].append(finished[a] - finished[b])
+                cells.append('{:+.4f}'.format(done[name][-1]))
+            else:
+                cells.append('')
+        out.append('| {} | {} |'.format(seed, ' | '.join(cells)))
+    out.append('| mean ± std | {} |'.format(' | '.join(
+        '{} (n = {})'.format(_mean_std(done[k]), len(done[k]))
+        if done[k] else '' for k in MODELS + tuple(differences))))
+    return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--results', default=RESULTS,
                         help='results directory (default: %(default)s)')
-    parser.add_argument('--readme', nargs='?', const=README, default=None,
-                        help='write the tables between the markers of this '
-                        'README instead of printing them (default: '
-                        '%(const)s)')
     args = parser.parse_args(argv)
     try:
-        text = markdown(args.results)
-        if args.readme is None:
-            print(text)
-        else:
-            update_readme(args.readme, text)
+        print(markdown(args.results))
     except (OSError, ValueError) as e:
         raise SystemExit('error: {}'.format(e))
 

