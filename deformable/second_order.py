@@ -47,9 +47,12 @@ import chainer.functions as F
 from deformable import backends
 
 
-class SampleTaps(function_node.FunctionNode):
-    """``T_ab(z)``: inputs ``(z, offset)``, output ``(n, c, K, out_h,
-    out_w)`` (``backends.layout``); ``order`` is ``(a, b)``."""
+class _TapsNode(function_node.FunctionNode):
+    """A node of every channel's samples at every tap, ``(n, c, K, out_h,
+    out_w)`` (``backends.layout``), in their derivative of ``order``
+    ``(a, b)``; the backend's ``compute`` method does the work."""
+
+    compute = None   # the backend's method's name
 
     def __init__(self, hyperparameters, ksize, order):
         self.hyperparameters = hyperparameters
@@ -64,9 +67,17 @@ class SampleTaps(function_node.FunctionNode):
 
     def _forward(self, backend, inputs):
         self.retain_inputs((0, 1))
-        z, offset = inputs
-        return backend.sample_taps(self.hyperparameters, z, offset,
-                                   self.ksize, self.order),
+        return getattr(backend, self.compute)(
+            self.hyperparameters, *inputs, **self._sizes()),
+
+    def _sizes(self):
+        return {'ksize': self.ksize, 'order': self.order}
+
+
+class SampleTaps(_TapsNode):
+    """``T_ab(z)``: inputs ``(z, offset)``."""
+
+    compute = 'sample_taps'
 
     def backward(self, indexes, grad_outputs):
         z, offset = self.get_retained_inputs()
@@ -81,27 +92,18 @@ class SampleTaps(function_node.FunctionNode):
         return tuple(grads)
 
 
-class ScatterTaps(function_node.FunctionNode):
+class ScatterTaps(_TapsNode):
     """``U_ab(samples)``, the adjoint of :class:`SampleTaps` in ``z``:
     inputs ``(samples, offset)``, output like ``z`` (``x_shape``)."""
 
+    compute = 'scatter_taps'
+
     def __init__(self, hyperparameters, x_shape, ksize, order):
-        self.hyperparameters = hyperparameters
+        super(ScatterTaps, self).__init__(hyperparameters, ksize, order)
         self.x_shape = tuple(x_shape)
-        self.ksize = tuple(ksize)
-        self.order = tuple(order)
 
-    def forward_cpu(self, inputs):
-        return self._forward(backends.cpu_backend(), inputs)
-
-    def forward_gpu(self, inputs):
-        return self._forward(backends.gpu_backend(), inputs)
-
-    def _forward(self, backend, inputs):
-        self.retain_inputs((0, 1))
-        samples, offset = inputs
-        return backend.scatter_taps(self.hyperparameters, samples, offset,
-                                    self.x_shape, self.ksize, self.order),
+    def _sizes(self):
+        return dict(super(ScatterTaps, self)._sizes(), x_shape=self.x_shape)
 
     def backward(self, indexes, grad_outputs):
         samples, offset = self.get_retained_inputs()

@@ -18,21 +18,16 @@ import sys
 
 import numpy
 
-from test_mnist import load_model
-from test_mnist import SnapshotError
+from snapshots import load_model
+from snapshots import SnapshotError
+import snapshots
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Export a trained convnet of the scaled-MNIST '
         'experiment to ONNX')
-    parser.add_argument('--deformable', '-d', type=int, choices=(0, 1, 2),
-                        default=1, help='kind of the --resume snapshot '
-                        '(1: deformable, 0: regular, 2: modulated, DCNv2)')
-    parser.add_argument('--resume', '-r', required=True,
-                        help='model snapshot (result/model_iter_N, '
-                        'result/non_deformable_N or result/modulated_iter_N; '
-                        'a trainer snapshot works too)')
+    snapshots.add_model_arguments(parser)
     parser.add_argument('--out', '-o', required=True,
                         help='the .onnx file to write')
     parser.add_argument('--opset', type=int, default=19,

@@ -1,4 +1,5 @@
-"""Loading ``.npz`` snapshots without running anything they carry.
+"""Loading ``.npz`` snapshots without running anything they carry, and the
+experiment's convnets from them.
 
 ``chainer.serializers.load_npz`` opens files with ``allow_pickle=True``: an
 object array in a snapshot is unpickled, and unpickling can run any code.
@@ -8,11 +9,14 @@ object array before Chainer reads any of it, and then reads it with pickles
 refused as well.
 """
 
+import os
 import zipfile
 
 import numpy
 
 import chainer
+
+from models import KINDS
 
 
 class UnsafeSnapshotError(ValueError):
@@ -81,3 +85,74 @@ def load_npz(path, obj, prefix=''):
     # since the check.
     with numpy.load(path, allow_pickle=False) as npz:
         chainer.serializers.NpzDeserializer(npz, path=prefix).load(obj)
+
+
+# Where trainer snapshots keep the predictor's parameters.
+_TRAINER_PREFIX = 'updater/model:main/predictor/'
+
+
+class SnapshotError(Exception):
+    """A model snapshot that is missing, not one of the convnets', or of
+    another kind than asked for."""
+
+
+def load_model(path, deformable=None):
+    """Loads a model snapshot (or a trainer snapshot) of any of the convnets.
+
+    Args:
+        path (str): ``model_iter_N``, ``non_deformable_N``,
+            ``modulated_iter_N`` or ``snapshot_<kind>_N``.
+        deformable (int or None): The kind expected (``--deformable``: 0,
+            1 or 2); ``None`` takes the snapshot's kind.
+
+    Raises:
+        SnapshotError: The file is missing, not a snapshot of these models,
+            or of another kind than ``deformable``.
+    """
+    if not os.path.isfile(path):
+        raise SnapshotError('no such file: {}'.format(path))
+    try:
+        refuse_pickles(path)
+        with numpy.load(path, allow_pickle=False) as npz:
+            shapes = {name: npz[name].shape for name in npz.files}
+    except UnsafeSnapshotError as e:
+        raise SnapshotError(str(e))
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise SnapshotError('{} is not an .npz snapshot ({})'.format(path, e))
+    if 'l1/W' in shapes:
+        prefix = ''
+    elif _TRAINER_PREFIX + 'l1/W' in shapes:
+        prefix = _TRAINER_PREFIX
+    else:
+        raise SnapshotError(
+            '{} is not a snapshot of the experiment\'s convnets (no l1/W); '
+            'pass model_iter_N, non_deformable_N or modulated_iter_N (or a '
+            'trainer snapshot) from train_mnist.py'.format(path))
+    offset_conv = shapes.get(prefix + 'l2/offset_conv/W')
+    if offset_conv is None:
+        kind = KINDS[0]
+    else:
+        # 2 offsets per tap; DCNv2 adds a mask logit.
+        kind = KINDS[2] if offset_conv[0] == 27 else KINDS[1]
+    if deformable is not None and deformable != kind.flag:
+        raise SnapshotError(
+            '{} is a snapshot of the {} model; run with --deformable '
+            '{}'.format(path, kind.label, kind.flag))
+    model = kind.model_class(10)
+    try:
+        load_npz(path, model, prefix=prefix)
+    except (KeyError, ValueError) as e:
+        raise SnapshotError('cannot load {}: {}'.format(path, e))
+    return model
+
+
+def add_model_arguments(parser):
+    """The ``--deformable`` and ``--resume`` flags of the scripts that read a
+    trained convnet (for :func:`load_model`)."""
+    parser.add_argument('--deformable', '-d', type=int, choices=(0, 1, 2),
+                        default=1, help='kind of the --resume snapshot '
+                        '(1: deformable, 0: regular, 2: modulated, DCNv2)')
+    parser.add_argument('--resume', '-r', required=True,
+                        help='model snapshot (result/model_iter_N, '
+                        'result/non_deformable_N or result/modulated_iter_N; '
+                        'a trainer snapshot works too)')

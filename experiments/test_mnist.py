@@ -24,7 +24,6 @@ its ReLU) it draws, over scaled-MNIST test images:
 import argparse
 import os
 import sys
-import zipfile
 
 import numpy
 
@@ -34,69 +33,12 @@ from deformable.arguments import int_pair
 from deformable.geometry import tap_grid
 
 import mnist_data
-from models import KINDS
 from models import kind_of
 import scaled_mnist
+from snapshots import load_model
+from snapshots import SnapshotError
 import snapshots
 import writable
-
-
-# Where trainer snapshots keep the predictor's parameters.
-_TRAINER_PREFIX = 'updater/model:main/predictor/'
-
-
-class SnapshotError(Exception):
-    pass
-
-
-def load_model(path, deformable=None):
-    """Loads a model snapshot (or a trainer snapshot) of any of the convnets.
-
-    Args:
-        path (str): ``model_iter_N``, ``non_deformable_N``,
-            ``modulated_iter_N`` or ``snapshot_<kind>_N``.
-        deformable (int or None): The kind expected (``--deformable``: 0,
-            1 or 2); ``None`` takes the snapshot's kind.
-
-    Raises:
-        SnapshotError: The file is missing, not a snapshot of these models,
-            or of another kind than ``deformable``.
-    """
-    if not os.path.isfile(path):
-        raise SnapshotError('no such file: {}'.format(path))
-    try:
-        snapshots.refuse_pickles(path)
-        with numpy.load(path, allow_pickle=False) as npz:
-            shapes = {name: npz[name].shape for name in npz.files}
-    except snapshots.UnsafeSnapshotError as e:
-        raise SnapshotError(str(e))
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise SnapshotError('{} is not an .npz snapshot ({})'.format(path, e))
-    if 'l1/W' in shapes:
-        prefix = ''
-    elif _TRAINER_PREFIX + 'l1/W' in shapes:
-        prefix = _TRAINER_PREFIX
-    else:
-        raise SnapshotError(
-            '{} is not a snapshot of the experiment\'s convnets (no l1/W); '
-            'pass model_iter_N, non_deformable_N or modulated_iter_N (or a '
-            'trainer snapshot) from train_mnist.py'.format(path))
-    offset_conv = shapes.get(prefix + 'l2/offset_conv/W')
-    if offset_conv is None:
-        kind = KINDS[0]
-    else:
-        # 2 offsets per tap; DCNv2 adds a mask logit.
-        kind = KINDS[2] if offset_conv[0] == 27 else KINDS[1]
-    if deformable is not None and deformable != kind.flag:
-        raise SnapshotError(
-            '{} is a snapshot of the {} model; run with --deformable '
-            '{}'.format(path, kind.label, kind.flag))
-    model = kind.model_class(10)
-    try:
-        snapshots.load_npz(path, model, prefix=prefix)
-    except (KeyError, ValueError) as e:
-        raise SnapshotError('cannot load {}: {}'.format(path, e))
-    return model
 
 
 def centre(shape):
@@ -274,7 +216,7 @@ def draw(models, examples, indices, threshold, panel_size=2.2):
     title = ('Centre unit of l3. Receptive field: |gradient| > {:.3g} x its '
              'max (red)'.format(threshold))
     if any(kind_of(model).flag == 2 for _, model in models):
-        title += '. DCNv2: point area = modulation (mask product)'
+        title += '\nDCNv2: point area = modulation (the masks along its path)'
     fig.suptitle(title, fontsize=9)
     return fig
 
@@ -283,13 +225,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Receptive field and sampling locations of the centre '
         "unit of a trained convnet's third convolution")
-    parser.add_argument('--deformable', '-d', type=int, choices=(0, 1, 2),
-                        default=1, help='kind of the --resume snapshot '
-                        '(1: deformable, 0: regular, 2: modulated, DCNv2)')
-    parser.add_argument('--resume', '-r', required=True,
-                        help='model snapshot (result/model_iter_N, '
-                        'result/non_deformable_N or result/modulated_iter_N; '
-                        'a trainer snapshot works too)')
+    snapshots.add_model_arguments(parser)
     parser.add_argument('--compare', '-c', default=None,
                         help='a second snapshot (either kind) drawn beside '
                         'the first')

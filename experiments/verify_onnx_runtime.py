@@ -63,8 +63,8 @@ def chainer_half(args):
     import export_onnx
     import mnist_data
     import scaled_mnist
-    from test_mnist import load_model
-    from test_mnist import SnapshotError
+    from snapshots import load_model
+    from snapshots import SnapshotError
 
     snapshots = []
     for flag, name, committed in CONVNETS:

@@ -269,7 +269,7 @@ def test_offset_convolution_by_f_convolution_2d(monkeypatch):
 @pytest.mark.parametrize('flag', [0, 1, 2])
 def test_committed_convnet(flag):
     pytest.importorskip('chainercv')
-    from test_mnist import load_model
+    from snapshots import load_model
     if not os.path.isfile(COMMITTED[flag]):
         pytest.skip('no committed snapshot {}'.format(
             os.path.relpath(COMMITTED[flag], ROOT)))

@@ -30,7 +30,7 @@ from models import ModulatedDeformableConvnet  # NOQA: E402
 import plots  # NOQA: E402
 import results_tables  # NOQA: E402
 import scaled_mnist  # NOQA: E402
-import test_mnist  # NOQA: E402
+import snapshots  # NOQA: E402
 
 # Model class and snapshot name (train_mnist.py's) of each results folder.
 KINDS = {'regular': (Convnet, 'non_deformable_{}'),
@@ -51,7 +51,7 @@ def _snapshot(model):
 
 def _restored(model):
     # As test_mnist.py loads it, checking the kind too.
-    return test_mnist.load_model(_snapshot(model), deformable={
+    return snapshots.load_model(_snapshot(model), deformable={
         'regular': 0, 'deformable': 1, 'modulated': 2}[model])
 
 

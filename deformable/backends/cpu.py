@@ -192,16 +192,58 @@ def _grouped_dot(plan, a, weight, out, transposed=False):
         out[:, outputs] = a[:, block].dot(weight[j])
 
 
+class Loops(object):
+    """The loops of one call of a CPU backend: what they offer
+    :class:`CpuBackend` (``numpy_loops.Loops`` and ``numba_loops.Loops``
+    implement it)."""
+
+    name = None
+    threaded = False       # blocks in parallel, on every core
+    keeps_columns = False  # the forward's columns kept for the backward
+    split_images = False   # blocks may be rows of one image
+
+    def __init__(self, plan, operands):
+        self.plan = plan
+        self.operands = operands
+
+    @property
+    def block_bytes(self):
+        """Columns per block, in bytes."""
+        raise NotImplementedError
+
+    def gather(self, block, plane, columns):
+        """The block's bilinear (and modulated) samples into ``columns``
+        ``(P, K * c)`` (``layout``), from ``plane``, its images' bordered
+        plane ``(images, h + 2, w + 2, c)``."""
+        raise NotImplementedError
+
+    def backward(self, block, plane, columns, grad_columns, grad_plane,
+                 grad_offset, grad_mask):
+        """The block's share of the gradients, from its column gradient:
+        adds to ``grad_plane`` (the images' bordered plane), writes its rows
+        of ``grad_offset`` ``(images, G, 2, K, out_h, out_w)`` and
+        ``grad_mask`` ``(images, G, K, out_h, out_w)`` (each None where not
+        needed), and fills ``columns`` unless None."""
+        raise NotImplementedError
+
+    def sample_taps(self, plane, order, out):
+        """Every image's samples of every channel at every tap, in their
+        derivative of ``order`` (``geometry.corner_weights``, unmodulated),
+        into ``out`` ``(n, out_h, out_w, K, c)``."""
+        raise NotImplementedError
+
+    def scatter_taps(self, samples, order, grad_plane):
+        """The adjoint of :meth:`sample_taps`: adds ``samples`` ``(n,
+        out_h, out_w, K, c)`` to ``grad_plane``, the images' bordered
+        plane."""
+        raise NotImplementedError
+
+
 class CpuBackend(object):
     """The CPU path with the given loops (see the module's docstring).
 
-    ``loops`` is a class (``numpy_loops.Loops``, ``numba_loops.Loops``)
-    made for each call from its :class:`Plan` and :class:`Operands`, with
-    ``gather(block, plane, columns)`` and ``backward(block, plane, columns,
-    grad_columns, grad_plane, grad_offset, grad_mask)``; its attributes say
-    how it runs: ``threaded``, ``keeps_columns``, ``block_bytes`` (of
-    columns per block) and ``split_images`` (blocks may be rows of one
-    image).
+    ``loops`` is a :class:`Loops` class, made for each call from its
+    :class:`Plan` and :class:`Operands`.
     """
 
     def __init__(self, loops):

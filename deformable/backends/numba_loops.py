@@ -28,6 +28,7 @@ import numpy
 
 from deformable import geometry
 from deformable import tuning
+from deformable.backends import cpu
 from deformable.backends import simd
 from deformable.backends import threads
 
@@ -67,7 +68,7 @@ class Sampling(collections.namedtuple('Sampling', [
 Wanted = collections.namedtuple('Wanted', 'columns scatter offset mask')
 
 
-class Loops(object):
+class Loops(cpu.Loops):
     """The compiled loops of one call."""
 
     name = 'numba'
@@ -80,6 +81,7 @@ class Loops(object):
         return tuning.BLOCK_BYTES
 
     def __init__(self, plan, operands):
+        super(Loops, self).__init__(plan, operands)
         dtype = plan.dtype
         plane_size = (plan.h + 2) * (plan.w + 2) * plan.c
         index_dtype = numpy.dtype(
@@ -102,18 +104,10 @@ class Loops(object):
         self._unused = numpy.empty((1,) * 5, dtype)
 
     def gather(self, block, plane, columns):
-        """The block's bilinear (and modulated) samples into ``columns``
-        ``(P, K * c)`` (``layout``), from ``plane``, its images' bordered
-        plane ``(images, h + 2, w + 2, c)``."""
         _gather(plane, self._sampling(block), self._samples(block), columns)
 
     def backward(self, block, plane, columns, grad_columns, grad_plane,
                  grad_offset, grad_mask):
-        """The block's share of the gradients, from its column gradient:
-        adds to ``grad_plane`` (the images' bordered plane), writes its rows
-        of ``grad_offset`` ``(images, G, 2, K, out_h, out_w)`` and
-        ``grad_mask`` ``(images, G, K, out_h, out_w)`` (each None where not
-        needed), and fills ``columns`` unless None."""
         unused = self._unused
         wanted = Wanted(columns is not None, grad_plane is not None,
                         grad_offset is not None, grad_mask is not None)
@@ -131,17 +125,11 @@ class Loops(object):
                   unused[0] if grad_mask is None else grad_mask)
 
     def sample_taps(self, plane, order, out):
-        """Every image's samples of every channel at every tap, in their
-        derivative of ``order`` (``geometry.corner_weights``, unmodulated),
-        into ``out`` ``(n, out_h, out_w, K, c)``; an image per thread."""
         threads.run(lambda b: _sample_taps(plane, self.sampling, b, order,
                                            out),
                     list(range(len(plane))), threaded=True)
 
     def scatter_taps(self, samples, order, grad_plane):
-        """The adjoint of :meth:`sample_taps`: adds ``samples`` ``(n,
-        out_h, out_w, K, c)`` to ``grad_plane``, the images' bordered
-        plane; an image per thread."""
         threads.run(lambda b: _scatter_taps(grad_plane, self.sampling, b,
                                             order, samples),
                     list(range(len(grad_plane))), threaded=True)

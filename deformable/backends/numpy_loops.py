@@ -15,7 +15,7 @@ from deformable import tuning
 from deformable.backends import cpu
 
 
-class Loops(object):
+class Loops(cpu.Loops):
     """The NumPy loops of one call."""
 
     name = 'numpy'
@@ -28,23 +28,11 @@ class Loops(object):
     def block_bytes(self):
         return tuning.NUMPY_BLOCK_BYTES
 
-    def __init__(self, plan, operands):
-        self.plan = plan
-        self.operands = operands
-
     def gather(self, block, plane, columns):
-        """The block's bilinear (and modulated) samples into ``columns``
-        ``(P, K * c)`` (``layout``), from ``plane``, its images' bordered
-        plane ``(images, h + 2, w + 2, c)``."""
         _gather(plane, self._geometry(block), self.plan, columns)
 
     def backward(self, block, plane, columns, grad_columns, grad_plane,
                  grad_offset, grad_mask):
-        """The block's share of the gradients, from its column gradient:
-        adds to ``grad_plane`` (the images' bordered plane), writes its rows
-        of ``grad_offset`` ``(images, G, 2, K, out_h, out_w)`` and
-        ``grad_mask`` ``(images, G, K, out_h, out_w)`` (each None where not
-        needed), and fills ``columns`` unless None."""
         block_geometry = self._geometry(block)
         if columns is not None:
             _gather(plane, block_geometry, self.plan, columns)
@@ -52,9 +40,6 @@ class Loops(object):
                   grad_plane, grad_offset, grad_mask)
 
     def sample_taps(self, plane, order, out):
-        """Every image's samples of every channel at every tap, in their
-        derivative of ``order`` (``geometry.corner_weights``, unmodulated),
-        into ``out`` ``(n, out_h, out_w, K, c)``."""
         plan = self.plan
         block_geometry = self._geometry(self._all_images())
         weights = block_geometry.derivative_weights(order)
@@ -69,9 +54,6 @@ class Loops(object):
                          out=out[:, t % plan.n_taps, channels])
 
     def scatter_taps(self, samples, order, grad_plane):
-        """The adjoint of :meth:`sample_taps`: adds ``samples`` ``(n,
-        out_h, out_w, K, c)`` to ``grad_plane``, the images' bordered
-        plane."""
         plan = self.plan
         block_geometry = self._geometry(self._all_images())
         weights = block_geometry.derivative_weights(order)
