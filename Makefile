@@ -72,8 +72,14 @@ gpu-kit: venv
 
 # The exported convnets in ONNX Runtime (>= 1.32, in .venv-ort/ from Python
 # >= 3.11) against Chainer (README, "Export to ONNX"; needs MNIST).
+# ONNX Runtime against Chainer on the committed convnets, into
+# results/onnx/verify.txt (left as it was if a check fails).
 verify-onnx: venv
-	PYTHON=$(BIN)/python sh tools/verify_onnx_runtime.sh
+	PYTHON=$(BIN)/python sh tools/verify_onnx_runtime.sh \
+		> results/onnx/verify.txt.new || { cat results/onnx/verify.txt.new; \
+		rm results/onnx/verify.txt.new; exit 1; }
+	mv results/onnx/verify.txt.new results/onnx/verify.txt
+	cat results/onnx/verify.txt
 
 clean:
 	rm -rf $(VENV) .venv-ort .devkit .uv-bootstrap .pytest_cache
