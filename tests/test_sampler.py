@@ -244,9 +244,9 @@ class TestScatterMultiplicity(unittest.TestCase):
 
 
 @testing.parameterize(*testing.product({'cpu_loops': helpers.CPU_LOOPS}))
-class TestDeterministicAndChunked(unittest.TestCase):
+class TestDeterministicAndBlocked(unittest.TestCase):
     """Bit-identical gradients from run to run, whatever the threads do;
-    and the same results however the batch is cut into chunks."""
+    and the same results however the batch is cut into blocks."""
 
     def setUp(self):
         rng = numpy.random.RandomState(6)
@@ -285,13 +285,13 @@ class TestDeterministicAndChunked(unittest.TestCase):
         for v, expected in zip(variables, (full[0], full[2], full[3])):
             numpy.testing.assert_array_equal(v.grad, expected)
 
-    def test_chunks_do_not_change_results(self):
+    def test_blocks_do_not_change_results(self):
         with mock.patch.multiple(tuning, BLOCK_BYTES=1, NUMPY_BLOCK_BYTES=1):
-            chunked = self.run_op()     # a row (Numba) or image at a time
+            blocked = self.run_op()     # a row (Numba) or image at a time
         with mock.patch.multiple(tuning, BLOCK_BYTES=2 ** 30,
                                  NUMPY_BLOCK_BYTES=2 ** 30):
             whole = self.run_op()       # all at once
-        for a, b in zip(chunked, whole):
+        for a, b in zip(blocked, whole):
             numpy.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
