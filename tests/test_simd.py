@@ -248,7 +248,7 @@ def test_64_bit_plane_positions_give_the_same_results(monkeypatch,
     plan = cpu.Plan(x.shape, offset.shape, W.shape, hyperparameters,
                     x.dtype)
     loops = numba_loops.Loops(plan, cpu.Operands(offset, W, mask, plan))
-    assert loops.sampling.index_dtype == numpy.int64
+    assert loops.index_dtype == numpy.int64
     wide = run()
     for a, b in zip(narrow, wide):
         numpy.testing.assert_array_equal(a, b)

@@ -24,6 +24,8 @@ bundle, and the backward's choices as one :class:`Wanted`.
 import collections
 
 import numba
+from numba.core import types
+from numba.experimental import structref
 import numpy
 
 from deformable import geometry
@@ -39,10 +41,21 @@ corner_weights = numba.njit(inline='always')(geometry.corner_weights)
 SPAN = tuning.SPAN
 
 
-class Sampling(collections.namedtuple('Sampling', [
-        'offset', 'mask', 'has_mask', 'base_y', 'base_x', 'kw', 'low', 'one',
-        'h', 'w', 'segments', 'group_width', 'index_dtype'])):
-    """Where a call's samples fall, as the kernels take it.
+_SAMPLING_FIELDS = ('offset', 'mask', 'has_mask', 'base_y', 'base_x', 'kw',
+                    'low', 'one', 'h', 'w', 'segments', 'group_width',
+                    'index_dtype')
+
+
+@structref.register
+class _SamplingType(types.StructRef):
+    def preprocess_fields(self, fields):
+        return tuple((name, types.unliteral(typ)) for name, typ in fields)
+
+
+class Sampling(structref.StructRefProxy):
+    """Where a call's samples fall, as the kernels take it: one object,
+    which Numba passes as a pointer (a tuple of these fields took several
+    microseconds to pass, holding the GIL the other threads wait for).
 
     Attributes:
         offset: ``(n, G, 2, K, out_h * out_w)``; ``[:, :, 0]`` is x.
@@ -61,6 +74,12 @@ class Sampling(collections.namedtuple('Sampling', [
             bordered plane: int32 where they fit (less to compute and to
             keep in cache), else int64.
     """
+
+    def __new__(cls, *fields):
+        return structref.StructRefProxy.__new__(cls, *fields)
+
+
+structref.define_proxy(Sampling, _SamplingType, list(_SAMPLING_FIELDS))
 
 
 # What the backward computes: columns (for the weight's gradient), the
@@ -89,6 +108,7 @@ class Loops(cpu.Loops):
             else numpy.int64)
         per_image = plan.out_h * plan.out_w
         offset = operands.offset
+        self.index_dtype = index_dtype
         self.sampling = Sampling(
             offset.reshape(offset.shape[:4] + (per_image,)),
             operands.mask.reshape(operands.mask.shape[:3] + (
@@ -104,7 +124,7 @@ class Loops(cpu.Loops):
         self._unused = numpy.empty((1,) * 5, dtype)
 
     def gather(self, block, plane, columns):
-        _gather(plane, self._sampling(block), self._samples(block), columns)
+        _gather(plane, self.sampling, self._samples(block), columns)
 
     def backward(self, block, plane, columns, grad_columns, grad_plane,
                  grad_offset, grad_mask):
@@ -117,7 +137,7 @@ class Loops(cpu.Loops):
         if grad_mask is not None:
             grad_mask = grad_mask.reshape(
                 grad_mask.shape[:3] + (self.per_image,))
-        _backward(plane, self._sampling(block), self._samples(block), wanted,
+        _backward(plane, self.sampling, self._samples(block), wanted,
                   unused[0, 0, 0] if columns is None else columns,
                   grad_columns,
                   unused[0] if grad_plane is None else grad_plane,
@@ -134,23 +154,18 @@ class Loops(cpu.Loops):
                                             order, samples),
                     list(range(len(grad_plane))), threaded=True)
 
-    def _sampling(self, block):
-        # The kernels count images from the block's first.
-        images = block.images
-        return self.sampling._replace(offset=self.sampling.offset[images],
-                                      mask=self.sampling.mask[images])
-
     def _samples(self, block):
-        # The block's samples, counted over its images.
-        return block.first_row * self.out_w, block.stop_row * self.out_w
+        # The block's samples, counted over its images, and its first image.
+        return (block.first_row * self.out_w, block.stop_row * self.out_w,
+                block.start_image)
 
 
 @numba.njit(nogil=True, cache=True)
 def _span_geometry(sampling, b, g, first, stop, plane_w, c, span_arrays,
                    for_backward):
     """Where offset group g's taps of samples ``[first, stop)`` of image b
-    fall. (One group at a time: the arrays below stay in the core's first
-    cache, which four groups' would not.)
+    (of the call's batch) fall. (One group at a time: the arrays below stay
+    in the core's first cache, which four groups' would not.)
 
     ``plane_w`` and ``c`` are the bordered plane's width and channels;
     ``span_arrays`` (:func:`_span_arrays`) are filled: for the group's taps
@@ -247,7 +262,8 @@ def _bilinear_weights(fy, fx, m, one):
 @numba.njit(nogil=True, cache=True)
 def _gather(plane, sampling, samples, columns):
     """:meth:`Loops.gather`; ``samples``: the block's ``(first, stop)``
-    samples, counted over the images of ``plane``."""
+    samples, counted over the images of ``plane``, and the first of those
+    images in the batch."""
     _, _, plane_w, c = plane.shape
     n_groups, n_taps = sampling.offset.shape[1], sampling.offset.shape[3]
     per_image = sampling.offset.shape[4]
@@ -256,13 +272,13 @@ def _gather(plane, sampling, samples, columns):
     row_size = plane_w * c
     span_arrays = _span_arrays(sampling, False)
     corner, _, _, weights, _ = span_arrays
-    start_sample, stop = samples
+    start_sample, stop, first_image = samples
     sample = start_sample
     while sample < stop:
         b, first, last = _span(sample, stop, per_image)
         for g in range(n_groups):
-            _span_geometry(sampling, b, g, first, last, plane_w, c,
-                           span_arrays, False)
+            _span_geometry(sampling, first_image + b, g, first, last,
+                           plane_w, c, span_arrays, False)
             # A run of channels at a time: the taps' loop then holds
             # nothing else (and LLVM hoists nothing into it).
             for s in range(segments.shape[1]):
@@ -307,13 +323,16 @@ def _backward(plane, sampling, samples, wanted, columns, grad_columns,
     # runs).
     sums = numpy.empty((n_taps, SPAN, 4), plane.dtype)
     with_sums = wanted.offset or wanted.mask
-    start_sample, stop = samples
+    start_sample, stop, first_image = samples
     sample = start_sample
     while sample < stop:
+        # b: the image in the block's (planes, gradients), image: in the
+        # batch's (offsets, mask).
         b, first, last = _span(sample, stop, per_image)
+        image = first_image + b
         span = last - first
         for g in range(n_groups):
-            _span_geometry(sampling, b, g, first, last, plane_w, c,
+            _span_geometry(sampling, image, g, first, last, plane_w, c,
                            span_arrays, True)
             for s in range(segments.shape[1]):
                 start, end = segments[g, s, 0], segments[g, s, 1]
@@ -322,7 +341,7 @@ def _backward(plane, sampling, samples, wanted, columns, grad_columns,
                     row = ((sample + i - start_sample) * grad_columns.shape[1]
                            + shift)
                     for k in range(n_taps):
-                        m = mask[b, g, k, first + i] if has_mask else one
+                        m = mask[image, g, k, first + i] if has_mask else one
                         weights = _bilinear_weights(
                             frac_y[k, i], frac_x[k, i], m, one)
                         # Samples with no corner in the image (NaN ones
@@ -342,7 +361,8 @@ def _backward(plane, sampling, samples, wanted, columns, grad_columns,
             for k in range(n_taps if with_sums else 0):
                 _gradients_from_sums(
                     sums[k], frac_y[k], frac_x[k], inside[k, 0], inside[k, 1],
-                    mask[b, g, k, first:last] if has_mask else mask[b, 0, 0],
+                    mask[image, g, k, first:last] if has_mask
+                    else mask[image, 0, 0],
                     has_mask, wanted, grad_offset, grad_mask, b, g, k, first,
                     last, one)
         sample += span
