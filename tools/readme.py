@@ -64,10 +64,6 @@ PRODUCERS = {
     'demo': demo,
     'bench-op': benchmark('cpu-op'),
     'bench-train': benchmark('cpu-train'),
-    'bench-features': benchmark('cpu-features'),
-    'bench-gradients': benchmark('cpu-gradients'),
-    'bench-numpy': benchmark('cpu-op-numpy'),
-    'tuning': benchmark('tuning'),
     'onnx': onnx,
 }
 
