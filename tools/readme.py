@@ -35,10 +35,14 @@ def benchmark(name):
     command, the conditions (its first line) and its tables."""
     def produce():
         lines = _read('benchmarks', name + '.md').strip('\n').split('\n')
-        command = lines[0][2:]
-        return '`{}`\n\n{}'.format(command, '\n'.join(
-            line[2:] if line.startswith('# ') else line
-            for line in lines[2:]))
+        out = ['`{}`'.format(lines[0][2:]), '']
+        for line in lines[2:]:
+            # Tables need blank lines around them in Markdown.
+            is_row = line.startswith('|')
+            if is_row != out[-1].startswith('|'):
+                out.append('')
+            out.append(line[2:] if line.startswith('# ') else line)
+        return '\n'.join(out)
     return produce
 
 
