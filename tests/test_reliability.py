@@ -74,9 +74,8 @@ def blas_threads():
 
 class TestConcurrentCallers(object):
 
-    cpu_loops = 'numba'   # the loops that run threads
-
-    def test_each_call_gives_its_single_caller_result(self):
+    @pytest.mark.parametrize('cpu_loops', helpers.CPU_LOOPS)
+    def test_each_call_gives_its_single_caller_result(self, cpu_loops):
         # Several Python threads calling the op at once, on every core.
         cases = [general_case(seed) for seed in range(3)] + [
             general_case(3, n=1, size=(30, 27)), dcnv1_case(4)]
