@@ -89,3 +89,21 @@ def test_pictures_exist(text):
             'images/modulated_vis_1.png'} <= set(pictures)
     for picture in pictures:
         assert os.path.isfile(os.path.join(ROOT, picture)), picture
+
+
+def test_benchmark_tables_keep_every_figure():
+    _, _, rows = readme._benchmark('cpu-op')
+    table = readme.bench_op()
+    assert len(rows) >= 6
+    for row in rows:
+        assert '{} ({})'.format(row['median (s)'], row['vs reference']) \
+            in table
+
+
+def test_onnx_block_refuses_a_failed_check(monkeypatch):
+    real = readme._read('onnx', 'verify.txt')
+    assert readme.onnx().count('1000/1000') == 6
+    failed = real.replace('all checks passed', 'FAILED')
+    monkeypatch.setattr(readme, '_read', lambda *path: failed)
+    with pytest.raises(ValueError, match='the check failed'):
+        readme.onnx()

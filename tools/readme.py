@@ -30,20 +30,56 @@ def _read(*path):
         return f.read()
 
 
-def benchmark(name):
-    """A benchmark's output as ``benchmarks/record.sh`` wrote it: the
-    command, the conditions (its first line) and its tables."""
-    def produce():
-        lines = _read('benchmarks', name + '.md').strip('\n').split('\n')
-        out = ['`{}`'.format(lines[0][2:]), '']
-        for line in lines[2:]:
-            # Tables need blank lines around them in Markdown.
-            is_row = line.startswith('|')
-            if is_row != out[-1].startswith('|'):
-                out.append('')
-            out.append(line[2:] if line.startswith('# ') else line)
-        return '\n'.join(out)
-    return produce
+def _benchmark(name):
+    """A benchmark's output as ``benchmarks/record.sh`` wrote it: its
+    command, its conditions and the rows of its table, as dicts."""
+    lines = _read('benchmarks', name + '.md').strip('\n').split('\n')
+    table = [line for line in lines if line.startswith('| ')]
+    header = [cell.strip() for cell in table[0].strip('|').split('|')]
+    rows = [dict(zip(header, (cell.strip()
+                              for cell in line.strip('|').split('|'))))
+            for line in table[1:]]
+    conditions = [line[2:] for line in lines[1:] if line.startswith('# ')]
+    return lines[0][2:], conditions, rows
+
+
+def _caption(command, conditions):
+    return '`{}`: {}\n'.format(command, '; '.join(conditions))
+
+
+def bench_op():
+    """The op benchmark: one row a shape and pass, one column an
+    implementation, each cell its median and its ratio to the reference."""
+    command, conditions, rows = _benchmark('cpu-op')
+    names = list(dict.fromkeys(row['implementation'] for row in rows))
+    cases = list(dict.fromkeys((row['shape'], row['pass']) for row in rows))
+    cells = {(row['shape'], row['pass'], row['implementation']):
+             '{} ({})'.format(row['median (s)'], row['vs reference'])
+             for row in rows}
+    peaks = {(row['shape'], row['pass']): row['peak MiB'] for row in rows
+             if row['peak MiB']}
+    out = [_caption(command, conditions),
+           '| shape | pass | {} | peak MiB (ours) |'.format(
+               ' | '.join(name + ', s' for name in names)),
+           '|---' * (len(names) + 3) + '|']
+    for shape, pass_ in cases:
+        out.append('| {} | {} | {} | {} |'.format(
+            shape, pass_, ' | '.join(cells[shape, pass_, name]
+                                     for name in names),
+            peaks.get((shape, pass_), '')))
+    return '\n'.join(out)
+
+
+def bench_train():
+    """The training-step benchmark: one row a convnet."""
+    command, conditions, rows = _benchmark('cpu-train')
+    out = [_caption(command, conditions),
+           '| convnet, one update of batch 100 | median (s) | vs regular |',
+           '|---|---|---|']
+    for row in rows:
+        out.append('| {} | {} | {} |'.format(
+            row['implementation'], row['median (s)'], row['vs reference']))
+    return '\n'.join(out)
 
 
 def demo():
@@ -58,16 +94,45 @@ def demo():
     return '\n'.join(out)
 
 
+_CHECK = re.compile(
+    r'^(\w+) \(batch (\d+)\): largest logit error (\S+) .*same class on '
+    r'(\d+/\d+) images, accuracy Chainer (\S+) ONNX Runtime (\S+): ok$')
+
+
 def onnx():
-    """The ONNX Runtime check (``results/onnx/verify.txt``)."""
-    return '```\n{}\n```'.format(_read('onnx', 'verify.txt').strip())
+    """The ONNX Runtime check (``results/onnx/verify.txt``), in one table."""
+    lines = _read('onnx', 'verify.txt').strip().split('\n')
+    if not lines[-1].startswith('all checks passed'):
+        raise ValueError('results/onnx/verify.txt: the check failed')
+    runtime = next(line for line in lines
+                   if line.startswith('ONNX Runtime '))
+    checks = [_CHECK.match(line).groups() for line in lines
+              if _CHECK.match(line)]
+    times = {}
+    for line in lines:
+        cells = [cell.strip() for cell in line.strip('|').split('|')]
+        if line.startswith('| ') and cells[1].isdigit():
+            times[cells[0], cells[1]] = cells[2:]
+    out = ['`{}` ([its output](results/onnx/verify.txt)), {}.'.format(
+               lines[1].strip(), lines[0]), '',
+           '{}; against {}:'.format(lines[2], runtime), '',
+           '| convnet | batch | largest logit error, relative | same class | '
+           'accuracy (Chainer / ONNX Runtime) | '
+           'ms per image (Chainer / ONNX Runtime) |',
+           '|---|---|---|---|---|---|']
+    for name, batch, error, same, accuracy, accuracy_runtime in checks:
+        chainer, runtime_ms, ratio = times[name, batch]
+        out.append('| {} | {} | {} | {} | {} / {} | {} / {} ({}) |'.format(
+            name, batch, error, same, accuracy, accuracy_runtime, chainer,
+            runtime_ms, ratio))
+    return '\n'.join(out)
 
 
 PRODUCERS = {
     'results': results_tables.markdown,
     'demo': demo,
-    'bench-op': benchmark('cpu-op'),
-    'bench-train': benchmark('cpu-train'),
+    'bench-op': bench_op,
+    'bench-train': bench_train,
     'onnx': onnx,
 }
 
