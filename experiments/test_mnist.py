@@ -97,6 +97,10 @@ def taps(conv, offset, y, x, mask=None):
     ys = tap_grid(y, sy, ph, kh, dil_y)[k // kw]
     xs = tap_grid(x, sx, pw, kw, dil_x)[k % kw]
     if offset is not None:
+        if offset.shape[0] != 2 * kh * kw:
+            raise ValueError(
+                'taps: offset has {} channels; one offset group of a {}x{} '
+                'kernel has {}'.format(offset.shape[0], kh, kw, 2 * kh * kw))
         d = _bilinear(offset, y, x)
         xs = xs + d[:kh * kw]
         ys = ys + d[kh * kw:]
@@ -252,6 +256,8 @@ def parse_args(argv=None):
         parser.error('--threshold must be in (0, 1), got {}'.format(
             args.threshold))
     if args.out is not None:
+        if not (os.path.splitext(args.out)[1] or os.path.isdir(args.out)):
+            args.out += '.png'  # what savefig would write; say that name
         _refuse_unwritable(args.out, '--out')  # before loading anything
     try:
         args.models = [load_model(args.resume, args.deformable)]

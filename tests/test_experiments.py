@@ -501,6 +501,16 @@ def test_regular_taps_match_the_convolution(ksize, stride, pad, dilate):
     assert compared > 0.5 * y.shape[1] * y.shape[2] * n_taps
 
 
+def test_taps_refuse_several_offset_groups():
+    # The picture follows one offset group; two would mix their dx and dy.
+    import chainer
+    import test_mnist
+    conv = chainer.links.Convolution2D(4, 4, 3)
+    offset = numpy.zeros((2 * 2 * 9, 5, 5))
+    with pytest.raises(ValueError, match='has 36 channels; one offset group'):
+        test_mnist.taps(test_mnist._Geometry(conv), offset, 1, 1)
+
+
 @pytest.mark.parametrize('deformable', [0, 1, 2])
 def test_sampling_grid_is_centred_on_the_receptive_field(deformable):
     import test_mnist
@@ -680,6 +690,16 @@ def test_visualize_default_out_from_root(trained):
     _run(['experiments/test_mnist.py', '--deformable', '0', '--resume',
           str(snapshot)], ROOT, env)
     assert (out / '0' / (_TRAINER[0] + '2_vis.png')).stat().st_size > 0
+
+
+def test_visualize_out_without_extension_names_the_png(trained):
+    tmp, env, out, _ = trained
+    name = tmp / 'vis' / 'plain'
+    result = _run(['test_mnist.py', '--deformable', '0', '--resume',
+                   str(out / '0' / 'non_deformable_2'), '--out', str(name)],
+                  EXPERIMENTS, env)
+    assert 'wrote {}.png'.format(name) in result.stdout
+    assert (tmp / 'vis' / 'plain.png').stat().st_size > 0
 
 
 @pytest.mark.parametrize('args, message', [
