@@ -232,15 +232,15 @@ def grad_backward(hyperparameters, inputs, needed, grad_outputs, indexes):
     conv = _Convolution(W, hyperparameters.groups, n, out_size)
     by_tap = (n, n_groups, n_taps) + out_size
 
-    samples = {}
+    sampled = {}
 
     def sample(z, order):
         # Each is large and some are used twice (T_11(x) by both axes).
         key = id(z), order
-        if key not in samples:
-            samples[key] = sample_taps(hyperparameters, z, offset, ksize,
+        if key not in sampled:
+            sampled[key] = sample_taps(hyperparameters, z, offset, ksize,
                                        order)
-        return samples[key]
+        return sampled[key]
 
     def scatter(samples, order):
         return scatter_taps(hyperparameters, samples, offset, x.shape,
