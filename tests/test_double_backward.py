@@ -242,3 +242,27 @@ def test_link_double_backprop(modulated, cpu_loops):
     gradient_check.check_double_backward(
         link, x, gy, grad_grads, params=params, eps=1e-6, atol=1e-5,
         rtol=1e-5)
+
+
+def test_each_tap_sample_is_made_once(monkeypatch):
+    # The samples are large: a gradient node makes each order of each
+    # array once, though T_11(x) serves both offset axes.
+    from deformable import second_order
+    made = []
+    forward = second_order.SampleTaps.forward_cpu
+
+    def counted(node, inputs):
+        made.append(node.order)
+        return forward(node, inputs)
+    monkeypatch.setattr(second_order.SampleTaps, 'forward_cpu', counted)
+    rng = numpy.random.RandomState(0)
+    x = chainer.Variable(rng.randn(2, 3, 5, 5))
+    offset = chainer.Variable(rng.uniform(-2, 2, (2, 18, 5, 5)))
+    W = chainer.Variable(rng.randn(4, 3, 3, 3))
+    y = deformable.deformable_convolution_2d_sampler(x, offset, W, pad=1)
+    gx, goffset = chainer.grad([F.sum(y * y)], [x, offset],
+                               enable_double_backprop=True)
+    made.clear()
+    (F.sum(gx * gx) + F.sum(goffset * goffset)).backward()
+    # T_00, T_10, T_01 of ggx; T_10, T_01, T_11 of x.
+    assert sorted(made) == [(0, 0), (0, 1), (0, 1), (1, 0), (1, 0), (1, 1)]
