@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of this project, in one run on a GPU machine (see
-# results/gpu/README.md): the GPU tests, compute-sanitizer on extreme offsets,
-# one epoch of each convnet (DCNv1, regular, DCNv2) and the benchmark. Needs Chainer and ChainerCV's
-# Python files importable, e.g. the GPU kit in .devkit/ (Chainer, ChainerCV,
-# a NumPy-2 shim and MNIST; built by `make gpu-kit`). Writes its
-# summaries to $OUT (default results/gpu); each step has its own time limit so
-# that one hang cannot eat the others' time.
+# results/gpu/README.md): the GPU tests (second derivatives included),
+# compute-sanitizer on extreme offsets, one epoch of each convnet (DCNv1,
+# regular, DCNv2), a short double-backprop run and the benchmark. Needs
+# Chainer and ChainerCV's Python files importable, e.g. the GPU kit in
+# .devkit/ (Chainer, ChainerCV, a NumPy-2 shim and MNIST; built by `make
+# gpu-kit`). Writes its summaries to $OUT (default results/gpu); each step
+# has its own time limit so that one hang cannot eat the others' time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -44,6 +45,7 @@ compute-sanitizer --version 2>&1 | tail -1
 step 'pytest -m gpu'
 timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu -n 4 -rfEs \
     tests/test_sampler.py tests/test_sampler_general.py tests/test_links.py \
+    tests/test_double_backward.py \
     2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
 
 step 'compute-sanitizer memcheck: extreme offsets'
@@ -62,10 +64,19 @@ for d in 1 0 2; do
   cp "$WORK/train$d/log" "$OUT/train-deformable$d-log.json"
 done
 
+step "train_mnist.py --gpu $GPU --deformable 2 --double-backprop 0.01, one epoch of 10000 images $TRAIN_FLAGS"
+(cd experiments && timeout 100 $PY train_mnist.py --gpu $GPU --deformable 2 \
+    --double-backprop 0.01 --epoch 1 --train-size 10000 --test-size 2000 \
+    --seed 0 $TRAIN_FLAGS --out "$WORK/double" > "$WORK/double.txt" 2>&1) \
+    || tail -30 "$WORK/double.txt"
+sed 's/\x1b\[[0-9;]*[A-Za-z]//g' "$WORK/double.txt" | grep -a -E '^(epoch|1 )'
+cp "$WORK/double/log" "$OUT/train-double-backprop-log.json"
+
 step "benchmarks/bench_sampler.py --gpu $GPU"
 {
   timeout 110 $PY benchmarks/bench_sampler.py --gpu $GPU --repeats 7
-  timeout 40 $PY benchmarks/bench_sampler.py --gpu $GPU --mode train --repeats 7
+  timeout 60 $PY benchmarks/bench_sampler.py --gpu $GPU --mode train \
+      --double-backprop 0.01 --repeats 7
   timeout 60 $PY benchmarks/bench_sampler.py --gpu $GPU --mode features --repeats 7
 } 2>&1 | tee "$OUT/bench-gpu.md"
 

@@ -106,28 +106,33 @@ def make_case(case, seed):
     return {k: v for k, v in arrays.items() if v is not None}, params, rng
 
 
-def derivatives(function, arrays, params, rng_seed, orders=3):
+def derivatives(function, arrays, params, rng_seed, orders=3,
+                device=None):
     """The output and, order by order, the gradients of a random linear
     combination of the previous order's results w.r.t. every input (gy
-    included), each as a list of arrays."""
-    variables = {name: chainer.Variable(a.copy())
+    included), each as a list of NumPy arrays; computed on ``device``
+    (a ``chainer.backend.Device``; default the CPU)."""
+    device = device or chainer.backend.CpuDevice()
+    cpu = chainer.backend.CpuDevice()
+    variables = {name: chainer.Variable(device.send(a.copy()))
                  for name, a in arrays.items()}
     y = function(variables['x'], variables['offset'], variables['W'],
                  variables.get('b'), variables.get('mask'), **params)
     rng = numpy.random.RandomState(rng_seed)
     names = sorted(variables)
     inputs = [variables[name] for name in names if name != 'gy']
-    results = [[y.array]]
+    results = [[cpu.send(y.array)]]
     # First order: d(sum(gy * y))/d inputs, gy a Variable.
     outputs = chainer.grad([F.sum(y * variables['gy'])], inputs,
                            enable_double_backprop=True)
-    results.append([g.array for g in outputs])
+    results.append([cpu.send(g.array) for g in outputs])
     inputs = [variables[name] for name in names]
     for _ in range(orders - 1):
-        loss = sum(F.sum(g * rng.uniform(-1, 1, g.shape))
+        loss = sum(F.sum(g * device.send(rng.uniform(-1, 1, g.shape)))
                    for g in outputs if g is not None)
         outputs = chainer.grad([loss], inputs, enable_double_backprop=True)
-        results.append([None if g is None else g.array for g in outputs])
+        results.append([None if g is None else cpu.send(g.array)
+                        for g in outputs])
     return results
 
 
@@ -136,10 +141,10 @@ def ours(x, offset, W, b, mask, **params):
         x, offset, W, b, mask=mask, **params)
 
 
-def check_against_the_composite(index):
+def check_against_the_composite(index, device=None):
     arrays, params, _ = make_case(CASES[index], index)
     expected = derivatives(composite, arrays, params, index)
-    actual = derivatives(ours, arrays, params, index)
+    actual = derivatives(ours, arrays, params, index, device=device)
     for order, (got, want) in enumerate(zip(actual, expected)):
         for a, e in zip(got, want):
             if e is None:
@@ -162,6 +167,12 @@ def test_derivatives_match_the_composite(cpu_loops, index):
 def test_derivatives_on_the_gpu_path_match_the_composite(index):
     with kernel_emulation.gpu_path_on_cpu():
         check_against_the_composite(index)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('index', range(len(CASES)))
+def test_derivatives_on_the_gpu_match_the_composite(index):
+    check_against_the_composite(index, chainer.get_device('@cupy:0'))
 
 
 # Bugs planted in the second derivatives' kernels, each of which the
