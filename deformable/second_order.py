@@ -271,16 +271,22 @@ def grad_backward(hyperparameters, inputs, needed, grad_outputs, indexes):
     hcol = None if gg_W is None else conv.taps(gg_W, gy)
     grads = {}
 
-    if wanted & {'gy', 'W'}:
+    # The samples' change along (ggx, ggoffset), before the mask: E is it
+    # times the mask (plus ggmask's term), and the mask's gradient is made
+    # of it. Sums are taken before products: each term is a large array.
+    change = None
+    if wanted & {'gy', 'W', 'mask'}:
         terms = []
         if gg_x is not None:
-            terms.append(modulated(sample(gg_x, (0, 0))))
+            terms.append(sample(gg_x, (0, 0)))
         if gg_y is not None:
-            terms.append(gg_y * modulated(sample(x, (1, 0))))
-            terms.append(gg_x_axis * modulated(sample(x, (0, 1))))
-        if gg_mask is not None:
-            terms.append(gg_mask * sample(x, (0, 0)))
-        E = _total(terms)
+            terms.append(gg_y * sample(x, (1, 0)))
+            terms.append(gg_x_axis * sample(x, (0, 1)))
+        change = _total(terms)
+
+    if wanted & {'gy', 'W'}:
+        E = _total([None if change is None else modulated(change),
+                    None if gg_mask is None else gg_mask * sample(x, (0, 0))])
         if 'gy' in wanted:
             grads['gy'] = _total([
                 None if E is None else conv.outputs(W, E),
@@ -304,30 +310,23 @@ def grad_backward(hyperparameters, inputs, needed, grad_outputs, indexes):
         by_axis = []
         for order, cross, other in (((0, 1), (1, 1), gg_y),
                                     ((1, 0), (1, 1), gg_x_axis)):
-            terms = []
-            if gg_x is not None:
-                terms.append(gcol * modulated(sample(gg_x, order)))
-            if other is not None:
-                terms.append(gcol * other * modulated(sample(x, cross)))
-            if gg_mask is not None:
-                terms.append(gcol * gg_mask * sample(x, order))
-            if hcol is not None:
-                terms.append(hcol * modulated(sample(x, order)))
-            total = _total(terms)
+            along = _total([
+                None if gg_x is None else sample(gg_x, order),
+                None if other is None else other * sample(x, cross)])
+            with_gcol = _total([
+                None if along is None else modulated(along),
+                None if gg_mask is None else gg_mask * sample(x, order)])
+            total = _total([
+                None if with_gcol is None else gcol * with_gcol,
+                None if hcol is None else hcol * modulated(sample(x, order))])
             by_axis.append(None if total is None
                            else _sum_groups(total, n_groups))
         grads['offset'] = _by_axes(by_axis, offset.shape)
 
     if 'mask' in wanted:
-        terms = []
-        if gg_x is not None:
-            terms.append(gcol * sample(gg_x, (0, 0)))
-        if gg_y is not None:
-            terms.append(gcol * gg_y * sample(x, (1, 0)))
-            terms.append(gcol * gg_x_axis * sample(x, (0, 1)))
-        if hcol is not None:
-            terms.append(hcol * sample(x, (0, 0)))
-        total = _total(terms)
+        total = _total([
+            None if change is None else gcol * change,
+            None if hcol is None else hcol * sample(x, (0, 0))])
         grads['mask'] = None if total is None else F.reshape(
             _sum_groups(total, n_groups), mask.shape)
 
