@@ -1038,6 +1038,7 @@ def _with_payload(snapshot, crafted, marker):
     ('train_mnist.py', 'snapshot_deformable_2', 'cannot resume: '),
     ('test_mnist.py', 'snapshot_deformable_2', 'error: '),
     ('test_mnist.py', 'model_iter_2', 'error: '),
+    ('export_onnx.py', 'model_iter_2', 'error: '),
 ])
 def test_snapshot_with_pickles_runs_nothing(trained, tmp_path, script,
                                             snapshot, message):
@@ -1057,7 +1058,8 @@ def test_snapshot_with_pickles_runs_nothing(trained, tmp_path, script,
                    '40', '--epoch', '3', '--out', 'run', '--resume',
                    'run/crafted'] if script == 'train_mnist.py' else
                   [os.path.join(EXPERIMENTS, script), '--resume',
-                   'run/crafted', '--out', 'run/vis.png'],
+                   'run/crafted', '--out', 'run/vis.png'
+                   if script == 'test_mnist.py' else 'run/model.onnx'],
                   str(tmp_path), env, ok=False)
     assert result.returncode != 0, result.stdout
     assert message in result.stdout
