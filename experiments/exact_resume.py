@@ -148,9 +148,10 @@ def resume(trainer, path, flags, epochs):
     of ``epochs`` without a word.
     """
     try:
-        snapshots.load_npz(path, flags,
-                           prefix='extensions/{}/'.format(flags.name))
-        snapshots.load_npz(path, trainer)
+        with snapshots.open_npz(path) as npz:
+            chainer.serializers.NpzDeserializer(
+                npz, path='extensions/{}/'.format(flags.name)).load(flags)
+            chainer.serializers.NpzDeserializer(npz).load(trainer)
     except snapshots.UnsafeSnapshotError as e:
         return 'cannot resume: {}.'.format(e)
     except FlagMismatch as e:

@@ -4,11 +4,12 @@ experiment's convnets from them.
 ``chainer.serializers.load_npz`` opens files with ``allow_pickle=True``: an
 object array in a snapshot is unpickled, and unpickling can run any code.
 Snapshots of this project hold numbers and strings only, so every script
-reads them through :func:`load_npz` here, which refuses a file holding an
-object array before Chainer reads any of it, and then reads it with pickles
-refused as well.
+reads them through :func:`open_npz` here (or :func:`load_npz`), which
+refuses a file holding an object array before Chainer reads any of it, and
+then reads it with pickles refused as well.
 """
 
+import contextlib
 import os
 import zipfile
 
@@ -70,20 +71,35 @@ def refuse_pickles(path):
                             + (', ...' if len(pickled) > 3 else '')))
 
 
-def load_npz(path, obj, prefix=''):
-    """``chainer.serializers.load_npz(path, obj, path=prefix)``, but a file
-    holding object arrays is refused before anything of it is read.
+@contextlib.contextmanager
+def open_npz(path):
+    """The ``.npz`` file ``path``, opened for Chainer's ``NpzDeserializer``
+    once :func:`refuse_pickles` has found no object array in it; read with
+    pickles refused as well, so that nothing unpickles even if the file
+    changed since the check. Open it once for several objects.
 
     Raises:
         UnsafeSnapshotError: The file holds object arrays (named in the
             message); nothing was loaded and nothing ran.
+        ValueError, OSError, zipfile.BadZipFile: It is not a readable
+            ``.npz`` file.
+    """
+    refuse_pickles(path)
+    with numpy.load(path, allow_pickle=False) as npz:
+        yield npz
+
+
+def load_npz(path, obj, prefix=''):
+    """``chainer.serializers.load_npz(path, obj, path=prefix)``, but a file
+    holding object arrays is refused before anything of it is read
+    (:func:`open_npz`).
+
+    Raises:
+        UnsafeSnapshotError: The file holds object arrays.
         KeyError, ValueError, OSError, zipfile.BadZipFile: As Chainer's
             ``load_npz`` for missing entries and unreadable files.
     """
-    refuse_pickles(path)
-    # allow_pickle=False too: nothing unpickles even if the file changed
-    # since the check.
-    with numpy.load(path, allow_pickle=False) as npz:
+    with open_npz(path) as npz:
         chainer.serializers.NpzDeserializer(npz, path=prefix).load(obj)
 
 
@@ -112,13 +128,26 @@ def load_model(path, deformable=None):
     if not os.path.isfile(path):
         raise SnapshotError('no such file: {}'.format(path))
     try:
-        refuse_pickles(path)
-        with numpy.load(path, allow_pickle=False) as npz:
+        with open_npz(path) as npz:
             shapes = {name: npz[name].shape for name in npz.files}
+            prefix, kind = _prefix_and_kind(path, shapes, deformable)
+            model = kind.model_class(10)
+            try:
+                chainer.serializers.NpzDeserializer(npz, path=prefix).load(
+                    model)
+            except (KeyError, ValueError) as e:
+                raise SnapshotError('cannot load {}: {}'.format(path, e))
     except UnsafeSnapshotError as e:
         raise SnapshotError(str(e))
     except (ValueError, OSError, zipfile.BadZipFile) as e:
         raise SnapshotError('{} is not an .npz snapshot ({})'.format(path, e))
+    return model
+
+
+def _prefix_and_kind(path, shapes, deformable):
+    """Where the convnet's parameters are in a snapshot whose arrays have
+    ``shapes``, and which of :data:`KINDS` it is (checked against
+    ``deformable`` unless None)."""
     if 'l1/W' in shapes:
         prefix = ''
     elif _TRAINER_PREFIX + 'l1/W' in shapes:
@@ -138,12 +167,7 @@ def load_model(path, deformable=None):
         raise SnapshotError(
             '{} is a snapshot of the {} model; run with --deformable '
             '{}'.format(path, kind.label, kind.flag))
-    model = kind.model_class(10)
-    try:
-        load_npz(path, model, prefix=prefix)
-    except (KeyError, ValueError) as e:
-        raise SnapshotError('cannot load {}: {}'.format(path, e))
-    return model
+    return prefix, kind
 
 
 def add_model_arguments(parser):
