@@ -203,7 +203,7 @@ PLANTED_BUGS = {
     'wrong tap decode': (
         'PREAMBLE', 'k / kw * dil_y', 'k % kw * dil_y'),
     'dropped corner': (
-        'SCATTER_COLUMNS', 'q < 4', 'q < 3'),
+        'PREAMBLE', 'q < 4', 'q < 3'),
     'offset gradient sign': (
         'OFFSET_GRADS', 'grad_x = (1 - fy) * (s01 - s00)',
         'grad_x = (1 - fy) * (s00 - s01)'),

@@ -64,6 +64,20 @@ __device__ T pixel(const T* image, int h, int w, int y, int x) {
     return (0 <= y && y < h && 0 <= x && x < w) ? image[y * w + x] : (T)0;
 }
 
+// The adjoint of a bilinear sample: g times each corner's weight added to
+// the corners inside the image (atomicAdd: other threads add there too).
+template <typename T>
+__device__ void add_to_corners(T* image, int h, int w, int y0, int x0, T g,
+                               const T* weight) {
+    for (int q = 0; q < 4; ++q) {
+        const int y = y0 + q / 2;
+        const int x = x0 + q % 2;
+        if (0 <= y && y < h && 0 <= x && x < w) {
+            atomicAdd(&image[y * w + x], g * weight[q]);
+        }
+    }
+}
+
 // One thread per (offset group, tap, sample) i: decodes them, finds where
 // the sample falls and its modulation m, and the group's channels.
 #define SAMPLE_POSITION(T)                                                 \
@@ -140,15 +154,9 @@ SCATTER_COLUMNS = KernelSource(
             fy * (1 - fx) * m, fy * fx * m};
         for (ptrdiff_t ch = first_channel;
              ch < first_channel + group_channels; ++ch) {
-            T* image = &gx[(n * c_in + ch) * h * w];
-            const T g = gcol[column_row(ch, k, K, c_in / groups) * P + p];
-            for (int q = 0; q < 4; ++q) {
-                const int y = y0 + q / 2;
-                const int x = x0 + q % 2;
-                if (0 <= y && y < h && 0 <= x && x < w) {
-                    atomicAdd(&image[y * w + x], g * corner_weight[q]);
-                }
-            }
+            add_to_corners(&gx[(n * c_in + ch) * h * w], h, w, y0, x0,
+                           gcol[column_row(ch, k, K, c_in / groups) * P + p],
+                           corner_weight);
         }
     }
     ''')
@@ -210,16 +218,10 @@ SCATTER_TAPS = KernelSource(
         corner_weights(fy, fx, inside_y, inside_x, order_y, order_x, weight);
         for (ptrdiff_t ch = first_channel;
              ch < first_channel + group_channels; ++ch) {
-            T* image = &gx[(n * c_in + ch) * h * w];
-            const T g = samples[((n * c_in + ch) * K + k) * plane
-                                + oy * out_w + ox];
-            for (int q = 0; q < 4; ++q) {
-                const int y = y0 + q / 2;
-                const int x = x0 + q % 2;
-                if (0 <= y && y < h && 0 <= x && x < w) {
-                    atomicAdd(&image[y * w + x], g * weight[q]);
-                }
-            }
+            add_to_corners(&gx[(n * c_in + ch) * h * w], h, w, y0, x0,
+                           samples[((n * c_in + ch) * K + k) * plane
+                                   + oy * out_w + ox],
+                           weight);
         }
     }
     ''')
