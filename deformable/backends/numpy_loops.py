@@ -41,8 +41,7 @@ class Loops(cpu.Loops):
 
     def sample_taps(self, plane, order, out):
         plan = self.plan
-        block_geometry = self._geometry(self._all_images())
-        weights = block_geometry.derivative_weights(order)
+        block_geometry, weights = self._taps_geometry(order)
         rows = plane.reshape(-1, plan.c)
         out = out.reshape(-1, plan.n_taps, plan.c)
         buffer = numpy.empty(4 * out.shape[0] * plan.c, plan.dtype)
@@ -55,8 +54,7 @@ class Loops(cpu.Loops):
 
     def scatter_taps(self, samples, order, grad_plane):
         plan = self.plan
-        block_geometry = self._geometry(self._all_images())
-        weights = block_geometry.derivative_weights(order)
+        block_geometry, weights = self._taps_geometry(order)
         grad_rows = grad_plane.reshape(-1, plan.c)
         samples = samples.reshape(-1, plan.n_taps, plan.c)
         for t in range(plan.n_groups * plan.n_taps):
@@ -66,8 +64,11 @@ class Loops(cpu.Loops):
             _scatter_tap(grad_rows[:, channels], column, block_geometry, t,
                          weights[t])
 
-    def _all_images(self):
-        return cpu.Block(0, self.plan.n, 0, self.plan.n * self.plan.out_h)
+    def _taps_geometry(self, order):
+        # Every image's, and its corners' weights in that derivative.
+        block_geometry = self._geometry(
+            cpu.Block(0, self.plan.n, 0, self.plan.n * self.plan.out_h))
+        return block_geometry, block_geometry.derivative_weights(order)
 
     def _offset_group_channels(self, t):
         width = self.plan.c // self.plan.n_groups
