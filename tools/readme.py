@@ -34,13 +34,16 @@ def _benchmark(name):
     """A benchmark's output as ``benchmarks/record.sh`` wrote it: its
     command, its conditions and the rows of its table, as dicts."""
     lines = _read('benchmarks', name + '.md').strip('\n').split('\n')
-    table = [line for line in lines if line.startswith('| ')]
-    header = [cell.strip() for cell in table[0].strip('|').split('|')]
-    rows = [dict(zip(header, (cell.strip()
-                              for cell in line.strip('|').split('|'))))
-            for line in table[1:]]
     conditions = [line[2:] for line in lines[1:] if line.startswith('# ')]
-    return lines[0][2:], conditions, rows
+    return lines[0][2:], conditions, _table_rows(lines)
+
+
+def _table_rows(lines):
+    """The rows of the one Markdown table among ``lines``, as dicts by its
+    header's names."""
+    table = [[cell.strip() for cell in line.strip('|').split('|')]
+             for line in lines if line.startswith('| ')]
+    return [dict(zip(table[0], row)) for row in table[1:]]
 
 
 def _caption(command, conditions):
@@ -106,13 +109,9 @@ def onnx():
         raise ValueError('results/onnx/verify.txt: the check failed')
     runtime = next(line for line in lines
                    if line.startswith('ONNX Runtime '))
-    checks = [_CHECK.match(line).groups() for line in lines
-              if _CHECK.match(line)]
-    times = {}
-    for line in lines:
-        cells = [cell.strip() for cell in line.strip('|').split('|')]
-        if line.startswith('| ') and cells[1].isdigit():
-            times[cells[0], cells[1]] = cells[2:]
+    checks = [match.groups() for match in map(_CHECK.match, lines) if match]
+    times = {(row['convnet'], row['batch']): row
+             for row in _table_rows(lines)}
     out = ['`{}` ([its output](results/onnx/verify.txt)), {}.'.format(
                lines[1].strip(), lines[0]), '',
            '{}; against {}:'.format(lines[2], runtime), '',
@@ -121,10 +120,11 @@ def onnx():
            'ms per image (Chainer / ONNX Runtime) |',
            '|---|---|---|---|---|---|']
     for name, batch, error, same, accuracy, accuracy_runtime in checks:
-        chainer, runtime_ms, ratio = times[name, batch]
+        row = times[name, batch]
         out.append('| {} | {} | {} | {} | {} / {} | {} / {} ({}) |'.format(
-            name, batch, error, same, accuracy, accuracy_runtime, chainer,
-            runtime_ms, ratio))
+            name, batch, error, same, accuracy, accuracy_runtime,
+            row['Chainer (ms)'], row['ONNX Runtime (ms)'],
+            row['Chainer / ONNX Runtime']))
     return '\n'.join(out)
 
 
