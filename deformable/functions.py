@@ -264,11 +264,23 @@ def deformable_convolution_2d_sampler(x, offset, W, b=None, stride=1, pad=0,
     is ``floor(pos)`` and ``floor(pos) + 1``). On the GPU the gradient of
     ``x`` is summed with ``atomicAdd``, so it is not bit-for-bit
     deterministic (``chainer.utils.nondeterministic`` warns when
-    ``chainer.config.warn_nondeterministic`` is set); the CPU path is
-    deterministic. The gradients are differentiable again, to any order
+    ``chainer.config.warn_nondeterministic`` is set), unless
+    ``chainer.config.cudnn_deterministic`` is set: then the GPU's backward
+    uses no atomics, and its gradients are the same bit for bit from run to
+    run and for any workspace size. The CPU path is always deterministic.
+    The gradients are differentiable again, to any order
     (``deformable.second_order``), with the same forward-difference rule.
 
-    float16 inputs are computed in float32 and cast back.
+    **float16.** On the GPU the columns and the matrix products are half
+    precision (accumulated in float32), while sample positions, bilinear
+    weights and the gradient sums are float32: at ``x = 150`` a float16
+    position would resolve only an eighth of a pixel. The CPU computes
+    float16 inputs in float32 and casts back.
+
+    **Memory (GPU).** The batch goes through in chunks of whole images
+    whose buffers fit in ``chainer.config.deformable_workspace_size``
+    bytes (64 MiB by default, or the ``DEFORMABLE_WORKSPACE_SIZE``
+    environment variable); one image always goes through whole.
 
     Args:
         x (:class:`~chainer.Variable` or :ref:`ndarray`): Input

@@ -1,4 +1,6 @@
-"""The CPU path's tuning constants, each with what it was measured to do.
+"""The tuning constants, each with what it was measured to do.
+
+The CPU path's:
 
 Each figure is the op's forward + backward time with the other value, as a
 ratio to the default's, on mnist-l2 (100 x 32 x 28 x 28, 3x3), float32,
@@ -37,3 +39,10 @@ INT32_PLANE_LIMIT = 2 ** 31 - 1
 # with offsets that send most samples to a few points (20 x 32 x 28 x 28),
 # 2 measured 1.12x, 32 1.00x.
 MAX_SCATTER_ROUNDS = 8
+
+# The GPU's workspace (chainer.config.deformable_workspace_size): the
+# buffers of one chunk of images. 64 MiB keeps the op's peak memory under
+# torchvision's on the layers of benchmarks/bench_gpu_layers.py by estimate
+# (its columns for 32 images of 128 channels at 28x28 take 115 MiB); to be
+# measured on a GPU.
+GPU_WORKSPACE_BYTES = 64 * 2 ** 20

@@ -3,7 +3,9 @@
 
 DCNv1 cases and general ones (dilation, groups, offset groups, a mask).
 
-Run under ``compute-sanitizer --tool memcheck``: offsets of +-1e30, +-inf,
+Each in three modes: the default, the deterministic backward and a
+workspace of one image per chunk. Run under ``compute-sanitizer --tool
+memcheck``: offsets of +-1e30, +-inf,
 NaN, a few image sizes away and exactly on the clamping limits push every
 kernel's corner arithmetic to its edges. CuPy's memory pool is switched off
 so that every array is its own allocation and an access past any array's
@@ -14,6 +16,8 @@ end is an error the sanitizer sees.
 """
 
 import argparse
+import contextlib
+import itertools
 import os
 import sys
 
@@ -66,7 +70,10 @@ def main():
              ((2, 8, 9, 7), (4, 4, 3, 3), 1, 2, 2, 2, 4, True),
              ((2, 4, 6, 10), (6, 2, 2, 3), (1, 2), (1, 3), (2, 3), 2, 2,
               True)]
-    for dtype in (numpy.float32, numpy.float64, numpy.float16):
+    modes = [{}, {'cudnn_deterministic': True},
+             {'deformable_workspace_size': 1}]
+    for mode, dtype in itertools.product(
+            modes, (numpy.float32, numpy.float64, numpy.float16)):
         for (x_shape, w_shape, stride, pad, dilate, groups, offset_groups,
              with_mask) in cases:
             n, c, h, w = x_shape
@@ -86,15 +93,18 @@ def main():
                 arrays.append(rng.uniform(-1, 2, (n, taps, out_h, out_w)))
             variables = [chainer.Variable(cupy.asarray(a, dtype))
                          for a in arrays]
-            y = deformable.deformable_convolution_2d_sampler(
-                *variables[:4], stride=stride, pad=pad, dilate=dilate,
-                groups=groups, mask=variables[4] if with_mask else None)
-            F.sum(y).backward()
+            with contextlib.ExitStack() as stack:
+                for name, value in mode.items():
+                    stack.enter_context(chainer.using_config(name, value))
+                y = deformable.deformable_convolution_2d_sampler(
+                    *variables[:4], stride=stride, pad=pad, dilate=dilate,
+                    groups=groups, mask=variables[4] if with_mask else None)
+                F.sum(y).backward()
             cupy.cuda.Device().synchronize()
             gx = cupy.asnumpy(variables[0].grad)
             assert numpy.isfinite(gx).all(), 'non-finite gradient of x'
-    print('memcheck case: {} cases x 3 dtypes, forward and backward done'
-          .format(len(cases)))
+    print('memcheck case: {} cases x 3 dtypes x {} modes, forward and '
+          'backward done'.format(len(cases), len(modes)))
 
 
 if __name__ == '__main__':

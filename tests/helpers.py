@@ -31,7 +31,10 @@ import chainer
 from chainer import backend
 from chainer import testing
 
+import deformable
 from deformable import backends
+
+import kernel_emulation
 
 
 # The CPU backends' names (``backends.cpu_backend().name``), and the
@@ -303,3 +306,56 @@ def relative_error(actual, expected):
     actual = backend.CpuDevice().send(actual)
     return (numpy.abs(actual - expected).max()
             / max(numpy.abs(expected).max(), 1e-300))
+
+
+INPUTS = ('x', 'offset', 'W', 'b', 'mask')
+
+
+def run_op(inputs, gy, **params):
+    """Output and the gradients of every input, by name.
+
+    ``inputs`` are ``(x, offset, W[, b[, mask]])``, ``b`` and ``mask``
+    possibly None; ``params`` the op's keyword arguments.
+    """
+    variables = {name: chainer.Variable(a.copy())
+                 for name, a in zip(INPUTS, inputs) if a is not None}
+    y = deformable.deformable_convolution_2d_sampler(
+        variables['x'], variables['offset'], variables['W'],
+        b=variables.get('b'), mask=variables.get('mask'), **params)
+    y.grad = gy.copy()
+    y.backward()
+    results = {'y': y.array}
+    results.update(('g' + name, v.grad) for name, v in variables.items())
+    return results
+
+
+def gpu_path_disagreements(inputs, gy, rtol, **params):
+    """Where the GPU path on the CPU differs from the NumPy path.
+
+    NaN must appear exactly where the NumPy path puts it; elsewhere the
+    largest difference, relative to the largest value, is at most rtol.
+    """
+    expected = run_op(inputs, gy, **params)
+    with kernel_emulation.gpu_path_on_cpu():
+        actual = run_op(inputs, gy, **params)
+    problems = []
+    for name, e in expected.items():
+        a = actual[name]
+        if a.shape != e.shape or a.dtype != e.dtype:
+            problems.append('{}: {} {} instead of {} {}'.format(
+                name, a.shape, a.dtype, e.shape, e.dtype))
+            continue
+        nan = numpy.isnan(e)
+        if (numpy.isnan(a) != nan).any():
+            problems.append('{}: NaN in other places'.format(name))
+            continue
+        a = a[~nan].astype(numpy.float64)
+        e = e[~nan].astype(numpy.float64)
+        if not numpy.isfinite(a).all():
+            problems.append('{}: infinite values'.format(name))
+            continue
+        scale = max(numpy.abs(e).max(initial=0), 1e-300)
+        error = numpy.abs(a - e).max(initial=0) / scale
+        if error > rtol:
+            problems.append('{}: relative error {:.2e}'.format(name, error))
+    return problems

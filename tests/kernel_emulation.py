@@ -41,13 +41,24 @@ from deformable import second_order
 
 CXX = os.environ.get('CXX', 'g++')
 NVCC = os.environ.get('NVCC', 'nvcc')
-C_TYPES = {'float': numpy.float32, 'double': numpy.float64}
+# The (T, C) pairs instantiated: storage and compute types (gpu.py), for
+# the CPU and for CUDA; float16 is stored as half and computed in float.
+# Half computed in half is there for the tests to show what that costs.
+TYPE_PAIRS = [
+    (numpy.float32, numpy.float32), (numpy.float64, numpy.float64),
+    (numpy.float16, numpy.float32), (numpy.float16, numpy.float16)]
+_C_NAMES = {numpy.float16: '_Float16', numpy.float32: 'float',
+            numpy.float64: 'double'}
+_CUDA_NAMES = dict(_C_NAMES)
+_CUDA_NAMES[numpy.float16] = '__half'
 _SCALARS = {'int32': ('int', ctypes.c_int32),
             'int64': ('long long', ctypes.c_int64)}
+_PLACEHOLDERS = ('T', 'C')
 
 
 class Param(object):
-    """One ``ElementwiseKernel`` parameter: ``[raw] TYPE name``."""
+    """One ``ElementwiseKernel`` parameter: ``[raw] TYPE name``, TYPE a
+    placeholder (``T``, ``C``) or a scalar type (an array of it if raw)."""
 
     def __init__(self, text, is_output):
         words = text.split()
@@ -56,14 +67,17 @@ class Param(object):
             words = words[1:]
         self.type, self.name = words
         self.is_output = is_output
-        if self.type != 'T' and self.type not in _SCALARS:
+        if self.type not in _PLACEHOLDERS and self.type not in _SCALARS:
             raise ValueError('unsupported parameter type: ' + text)
-        if self.type != 'T' and self.raw:
-            raise ValueError('raw scalar parameter: ' + text)
 
     @property
     def is_array(self):
-        return self.type == 'T'
+        return self.type in _PLACEHOLDERS or self.raw
+
+    @property
+    def c_type(self):
+        """Its element type in C, placeholders as they are."""
+        return _SCALARS[self.type][0] if self.type in _SCALARS else self.type
 
 
 def parse_params(in_params, out_params):
@@ -74,71 +88,86 @@ def parse_params(in_params, out_params):
 
 
 def _function(name, params, operation, cuda):
-    """The kernel as a template over T, with its loop or thread index."""
+    """The kernel as a template over T and C, with its loop or thread
+    index."""
     signature = ['ptrdiff_t _begin', 'ptrdiff_t _size']
     bind = []
     for p in params:
         if not p.is_array:
-            signature.append('const {} {}'.format(_SCALARS[p.type][0],
-                                                  p.name))
+            signature.append('const {} {}'.format(p.c_type, p.name))
         elif p.raw:
-            signature.append('T* {}'.format(p.name))
+            signature.append('{}* {}'.format(p.c_type, p.name))
         else:
-            signature.append('T* _array_{}'.format(p.name))
+            signature.append('{}* _array_{}'.format(p.c_type, p.name))
             # Inputs by value, outputs by reference, as CuPy binds them.
             bind.append('{} {} = _array_{}[i];'.format(
-                'T&' if p.is_output else 'const T', p.name, p.name))
+                p.c_type + '&' if p.is_output else 'const ' + p.c_type,
+                p.name, p.name))
+    template = 'template <typename T, typename C>\n'
     if cuda:
-        head = 'template <typename T>\n__global__ void {}({})'
+        head = template + '__global__ void {}({})'
         loop = ('for (ptrdiff_t i = _begin + (ptrdiff_t)blockIdx.x * '
                 'blockDim.x + threadIdx.x; i < _size; '
                 'i += (ptrdiff_t)blockDim.x * gridDim.x)')
     else:
-        head = 'template <typename T>\nstatic void {}({})'
+        head = template + 'static void {}({})'
         loop = 'for (ptrdiff_t i = _begin; i < _size; ++i)'
     return '{} {{\n  {} {{\n    {}\n    {{\n{}\n    }}\n  }}\n}}\n'.format(
         head.format(name, ', '.join(signature)), loop, '\n    '.join(bind),
         operation)
 
 
-def _c_types(params, c_type):
+def _c_types(params, names):
+    """The parameters' C types with T and C as ``names`` gives them."""
+    def element(p):
+        return names.get(p.type, p.c_type)
     return ['ptrdiff_t', 'ptrdiff_t'] + [
-        c_type + '*' if p.is_array else _SCALARS[p.type][0] for p in params]
+        element(p) + '*' if p.is_array else element(p) for p in params]
+
+
+def _entry_name(name, pair):
+    return '{}_{}_{}'.format(name, *(numpy.dtype(t).name for t in pair))
 
 
 def cpu_source(in_params, out_params, operation, name, preamble):
-    """C++ for one kernel, with an ``extern "C"`` entry per T."""
+    """C++ for one kernel, with an ``extern "C"`` entry per (T, C)."""
     params = parse_params(in_params, out_params)
     parts = [
         '#include <cmath>\n#include <cstddef>\n',
-        '#define __device__\nusing std::floor;\n',
+        '#define __device__\nusing std::floor;\n'
+        'inline _Float16 floor(_Float16 v) { return std::floor((float)v); }\n',
         '// Threads run one after the other: atomicAdd is a plain add.\n'
         'template <typename T> T atomicAdd(T* address, T value) {\n'
         '  T old = *address; *address = old + value; return old;\n}\n',
         preamble,
         _function(name, params, operation, cuda=False),
     ]
-    for c_type in C_TYPES:
+    for pair in TYPE_PAIRS:
+        names = dict(zip(_PLACEHOLDERS, (_C_NAMES[t] for t in pair)))
         arguments = ['_begin', '_size'] + [p.name for p in params]
         signature = ['{} {}'.format(t, a) for t, a in zip(
-            _c_types(params, c_type), arguments)]
-        parts.append('extern "C" void {}_{}({}) {{ {}<{}>({}); }}\n'.format(
-            name, c_type, ', '.join(signature), name, c_type,
+            _c_types(params, names), arguments)]
+        parts.append('extern "C" void {}({}) {{ {}<{}>({}); }}\n'.format(
+            _entry_name(name, pair), ', '.join(signature), name,
+            ', '.join(names[t] for t in _PLACEHOLDERS),
             ', '.join(arguments)))
     return '\n'.join(parts)
 
 
 def cuda_source(kernels=None, preamble=None):
-    """All kernels as CUDA, instantiated for float and double."""
+    """All kernels as CUDA, instantiated for every (T, C)."""
     kernels = gpu.KERNELS if kernels is None else kernels
     preamble = gpu.PREAMBLE if preamble is None else preamble
-    parts = ['#include <cstddef>\n', preamble]
+    parts = ['#include <cstddef>\n#include <cuda_fp16.h>\n', preamble]
     for source in kernels:
         params = parse_params(source.all_in_params, source.out_params)
         parts.append(_function(source.name, params, source.body, cuda=True))
-        for c_type in C_TYPES:
+        # CuPy computes in half nowhere: positions are never half.
+        for pair in [p for p in TYPE_PAIRS if p[1] != numpy.float16]:
+            names = dict(zip(_PLACEHOLDERS, (_CUDA_NAMES[t] for t in pair)))
             parts.append('template __global__ void {}<{}>({});\n'.format(
-                source.name, c_type, ', '.join(_c_types(params, c_type))))
+                source.name, ', '.join(names[t] for t in _PLACEHOLDERS),
+                ', '.join(_c_types(params, names))))
     return '\n'.join(parts)
 
 
@@ -187,9 +216,8 @@ class EmulatedKernel(object):
         begin = kwargs.pop('begin', 0)
         if kwargs or len(args) != len(self.params):
             raise TypeError('{}: wrong arguments'.format(self.name))
-        arrays = [a for p, a in zip(self.params, args) if p.is_array]
-        dtype = arrays[0].dtype
-        c_type = {numpy.dtype(v): k for k, v in C_TYPES.items()}[dtype]
+        pair = self._type_pair(args)
+        dtypes = dict(zip(_PLACEHOLDERS, pair))
         elementwise = [a for p, a in zip(self.params, args)
                        if p.is_array and not p.raw]
         if size is None:
@@ -197,6 +225,7 @@ class EmulatedKernel(object):
         c_args = [ctypes.c_ssize_t(begin), ctypes.c_ssize_t(size)]
         for p, a in zip(self.params, args):
             if p.is_array:
+                dtype = numpy.dtype(dtypes.get(p.type, p.type))
                 if a.dtype != dtype or not a.flags.c_contiguous:
                     raise TypeError('{}: {} must be C-contiguous {}'.format(
                         self.name, p.name, dtype))
@@ -206,7 +235,21 @@ class EmulatedKernel(object):
                 c_args.append(a.ctypes.data_as(ctypes.c_void_p))
             else:
                 c_args.append(_SCALARS[p.type][1](a))
-        getattr(self.library, '{}_{}'.format(self.name, c_type))(*c_args)
+        getattr(self.library, _entry_name(self.name, pair))(*c_args)
+
+    def _type_pair(self, args):
+        """(T, C) from the first array of each; a kernel with only one of
+        them takes the other from it, as a kernel would be compiled."""
+        found = {}
+        for p, a in zip(self.params, args):
+            if p.type in _PLACEHOLDERS and p.type not in found:
+                found[p.type] = a.dtype.type
+        t = found.get('T', found.get('C'))
+        c = found.get('C', numpy.float32 if t == numpy.float16 else t)
+        if (t, c) not in TYPE_PAIRS:
+            raise TypeError('{}: no kernel for T={}, C={}'.format(
+                self.name, t, c))
+        return t, c
 
 
 def elementwise(in_params, out_params, operation, name, preamble='',

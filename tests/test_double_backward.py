@@ -181,8 +181,8 @@ PLANTED_BUGS = {
     'cross derivative of the wrong corner': (
         'PREAMBLE', 'weight[3] = y1 * x1;', 'weight[3] = y1 * x0;'),
     'corner of the wrong weight': (
-        'SAMPLE_TAPS', 'weight[1] * pixel(image, h, w, y0, x0 + 1)',
-        'weight[2] * pixel(image, h, w, y0, x0 + 1)'),
+        'SAMPLE_TAPS', 'weight[1] * pixel<C>(image, h, w, y0, x0 + 1)',
+        'weight[2] * pixel<C>(image, h, w, y0, x0 + 1)'),
     'orders swapped in the adjoint': (
         'SCATTER_TAPS', 'order_y, order_x, weight);',
         'order_x, order_y, weight);'),

@@ -14,10 +14,8 @@ import unittest
 import numpy
 import pytest
 
-import chainer
 from chainer import testing
 
-import deformable
 from deformable.backends import gpu
 
 import helpers
@@ -32,57 +30,8 @@ pytestmark = pytest.mark.skipif(
     reason='needs a C++ compiler ({}) to run the CUDA kernels on the '
            'CPU'.format(kernel_emulation.CXX))
 
-INPUTS = ('x', 'offset', 'W', 'b', 'mask')
-
-
-def run_op(inputs, gy, **params):
-    """Output and the gradients of every input, by name.
-
-    ``inputs`` are ``(x, offset, W[, b[, mask]])``, ``b`` and ``mask``
-    possibly None; ``params`` the op's keyword arguments.
-    """
-    variables = {name: chainer.Variable(a.copy())
-                 for name, a in zip(INPUTS, inputs) if a is not None}
-    y = deformable.deformable_convolution_2d_sampler(
-        variables['x'], variables['offset'], variables['W'],
-        b=variables.get('b'), mask=variables.get('mask'), **params)
-    y.grad = gy.copy()
-    y.backward()
-    results = {'y': y.array}
-    results.update(('g' + name, v.grad) for name, v in variables.items())
-    return results
-
-
-def disagreements(inputs, gy, rtol, **params):
-    """Where the GPU path on the CPU differs from the NumPy path.
-
-    NaN must appear exactly where the NumPy path puts it; elsewhere the
-    largest difference, relative to the largest value, is at most rtol.
-    """
-    expected = run_op(inputs, gy, **params)
-    with kernel_emulation.gpu_path_on_cpu():
-        actual = run_op(inputs, gy, **params)
-    problems = []
-    for name, e in expected.items():
-        a = actual[name]
-        if a.shape != e.shape or a.dtype != e.dtype:
-            problems.append('{}: {} {} instead of {} {}'.format(
-                name, a.shape, a.dtype, e.shape, e.dtype))
-            continue
-        nan = numpy.isnan(e)
-        if (numpy.isnan(a) != nan).any():
-            problems.append('{}: NaN in other places'.format(name))
-            continue
-        a = a[~nan].astype(numpy.float64)
-        e = e[~nan].astype(numpy.float64)
-        if not numpy.isfinite(a).all():
-            problems.append('{}: infinite values'.format(name))
-            continue
-        scale = max(numpy.abs(e).max(initial=0), 1e-300)
-        error = numpy.abs(a - e).max(initial=0) / scale
-        if error > rtol:
-            problems.append('{}: relative error {:.2e}'.format(name, error))
-    return problems
+run_op = helpers.run_op
+disagreements = helpers.gpu_path_disagreements
 
 
 def tolerance(dtype):
@@ -269,7 +218,7 @@ class Test64BitIndices(unittest.TestCase):
     def run_kernel(self, source, c, inputs, outputs, **kwargs):
         # A 1x1 kernel, stride 1, no pad, no mask: one thread per sample.
         geometry = (self.offset, self.offset, 0, self.plane, c, self.h,
-                    self.w, self.h, self.w, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1)
+                    self.w, self.h, self.w, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0)
         kernel_emulation.elementwise(
             source.all_in_params, source.out_params, source.body,
             source.name, preamble=gpu.PREAMBLE)(

@@ -26,12 +26,22 @@ import os
 
 import chainer
 
+from deformable import tuning
+
 
 # 'auto': compiled loops where Numba imports; 'never': pure NumPy; 'always':
 # Numba or an error. Chainer config, so `chainer.using_config` switches it.
 if not hasattr(chainer.global_config, 'deformable_use_numba'):
     chainer.global_config.deformable_use_numba = os.environ.get(
         'DEFORMABLE_USE_NUMBA', 'auto')
+
+# Bytes the GPU's buffers for one chunk of images may take (the batch goes
+# through in chunks of whole images; gpu.workspace_size checks the value).
+if not hasattr(chainer.global_config, 'deformable_workspace_size'):
+    _size = os.environ.get('DEFORMABLE_WORKSPACE_SIZE', '').strip()
+    chainer.global_config.deformable_workspace_size = (
+        (int(_size) if _size.isdigit() else _size) if _size
+        else tuning.GPU_WORKSPACE_BYTES)
 
 _cpu_backends = {}
 

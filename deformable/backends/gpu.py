@@ -15,10 +15,30 @@ Each kernel's CUDA source is defined once here (:data:`PREAMBLE` and the
 tests compile the same strings for the CPU (``tests/kernel_emulation.py``).
 Flat indices that are products of sizes are ``ptrdiff_t``: a batch of
 feature maps can pass 2**31 elements.
+
+**Two types.** ``T`` is the storage type of the images, the columns and
+their gradients, ``C`` the type positions, bilinear weights and every
+gradient sum are computed in: the same for float32 and float64, while for
+float16 the columns and the products are half precision (cuBLAS on the
+tensor cores, accumulating in float32) and ``C`` is float32.
+
+**Chunks.** The batch goes through in chunks of whole images whose
+buffers fit in ``chainer.config.deformable_workspace_size`` bytes.
+
+**Deterministic mode.** Under ``chainer.config.cudnn_deterministic`` the
+backward uses no floating-point atomics: each input pixel gathers its
+corners' contributions in a fixed order (a stable sort of the corners by
+pixel), and the weight gradient sums the images' products in image order.
+The columns are then stored image by image (``by_image``), so that every
+product has the shape of one image whatever the chunk.
 """
 
 import collections
+import numbers
 
+import numpy
+
+import chainer
 from chainer.backends import cuda
 from chainer import utils
 
@@ -26,28 +46,28 @@ from deformable import geometry
 from deformable.backends import layout
 
 
-PREAMBLE = r'''
+PREAMBLE = r"""
 // Lower corner, fraction and "gradient flows" flag along one axis.
-template <typename T>
-__device__ int axis_geometry(T pos, int size, T* frac, bool* inside) {
+template <typename C>
+__device__ int axis_geometry(C pos, int size, C* frac, bool* inside) {
     // Comparisons are false for NaN, so NaN passes through to frac.
-    T clamped = pos < (T)-1 ? (T)-1 : (pos > (T)size ? (T)size : pos);
-    T lower = floor(clamped);
-    if (!(lower <= (T)(size - 1))) lower = (T)(size - 1);  // also NaN
+    C clamped = pos < (C)-1 ? (C)-1 : (pos > (C)size ? (C)size : pos);
+    C lower = floor(clamped);
+    if (!(lower <= (C)(size - 1))) lower = (C)(size - 1);  // also NaN
     *frac = clamped - lower;
-    *inside = pos >= (T)-1 && pos < (T)size;
+    *inside = pos >= (C)-1 && pos < (C)size;
     return (int)lower;
 }
 
 // The weights of the four corners in the sample's derivative of order
 // (order_y, order_x): geometry.corner_weights.
-template <typename T>
-__device__ void corner_weights(T fy, T fx, bool inside_y, bool inside_x,
-                               int order_y, int order_x, T* weight) {
-    const T y0 = order_y == 0 ? 1 - fy : -(T)inside_y;
-    const T y1 = order_y == 0 ? fy : (T)inside_y;
-    const T x0 = order_x == 0 ? 1 - fx : -(T)inside_x;
-    const T x1 = order_x == 0 ? fx : (T)inside_x;
+template <typename C>
+__device__ void corner_weights(C fy, C fx, bool inside_y, bool inside_x,
+                               int order_y, int order_x, C* weight) {
+    const C y0 = order_y == 0 ? 1 - fy : -(C)inside_y;
+    const C y1 = order_y == 0 ? fy : (C)inside_y;
+    const C x0 = order_x == 0 ? 1 - fx : -(C)inside_x;
+    const C x1 = order_x == 0 ? fx : (C)inside_x;
     weight[0] = y0 * x0;
     weight[1] = y0 * x1;
     weight[2] = y1 * x0;
@@ -59,16 +79,30 @@ __device__ ptrdiff_t column_row(ptrdiff_t ch, int k, int K, int c_group) {
     return (ch / c_group * K + k) * c_group + ch % c_group;
 }
 
-template <typename T>
-__device__ T pixel(const T* image, int h, int w, int y, int x) {
-    return (0 <= y && y < h && 0 <= x && x < w) ? image[y * w + x] : (T)0;
+// Where row `row`, sample p is in the columns: (rows, P), or image by
+// image, (images, rows, plane), in the deterministic mode.
+__device__ ptrdiff_t column_at(ptrdiff_t row, ptrdiff_t p, ptrdiff_t P,
+                               ptrdiff_t rows, ptrdiff_t plane,
+                               bool by_image) {
+    return by_image ? (p / plane * rows + row) * plane + p % plane
+                    : row * P + p;
+}
+
+// Channel ch's entry of the columns at tap k, sample p.
+#define COLUMN_AT(ch)                                                      \
+    column_at(column_row(ch, k, K, c_in / groups), p, P, c_in * K, plane, \
+              by_image)
+
+template <typename C, typename T>
+__device__ C pixel(const T* image, int h, int w, int y, int x) {
+    return (0 <= y && y < h && 0 <= x && x < w) ? (C)image[y * w + x] : (C)0;
 }
 
 // The adjoint of a bilinear sample: g times each corner's weight added to
 // the corners inside the image (atomicAdd: other threads add there too).
-template <typename T>
-__device__ void add_to_corners(T* image, int h, int w, int y0, int x0, T g,
-                               const T* weight) {
+template <typename C>
+__device__ void add_to_corners(C* image, int h, int w, int y0, int x0, C g,
+                               const C* weight) {
     for (int q = 0; q < 4; ++q) {
         const int y = y0 + q / 2;
         const int x = x0 + q % 2;
@@ -79,8 +113,8 @@ __device__ void add_to_corners(T* image, int h, int w, int y0, int x0, T g,
 }
 
 // One thread per (offset group, tap, sample) i: decodes them, finds where
-// the sample falls and its modulation m, and the group's channels.
-#define SAMPLE_POSITION(T)                                                 \
+// the sample falls and its modulation m.
+#define SAMPLE_POSITION(C)                                                 \
     const ptrdiff_t p = i % P;                                             \
     const int k = (i / P) % K;                                             \
     const int group = (i / P) / K;                                         \
@@ -91,25 +125,28 @@ __device__ void add_to_corners(T* image, int h, int w, int y0, int x0, T g,
     const ptrdiff_t n_group = n * G + group;                               \
     const ptrdiff_t off = (n_group * 2 * K + k) * plane + oy * out_w + ox; \
     const ptrdiff_t mask_at = (n_group * K + k) * plane + oy * out_w + ox; \
-    const T pos_x = offset[off] + (T)(ox * sx - pw + k % kw * dil_x);      \
-    const T pos_y = offset[off + K * plane]                                \
-                    + (T)(oy * sy - ph + k / kw * dil_y);                  \
-    const T m = has_mask ? mask[mask_at] : (T)1;                           \
-    T fy, fx;                                                              \
+    const C pos_x = offset[off] + (C)(ox * sx - pw + k % kw * dil_x);      \
+    const C pos_y = offset[off + K * plane]                                \
+                    + (C)(oy * sy - ph + k / kw * dil_y);                  \
+    const C m = has_mask ? mask[mask_at] : (C)1;                           \
+    C fy, fx;                                                              \
     bool inside_y, inside_x;                                               \
     const int y0 = axis_geometry(pos_y, h, &fy, &inside_y);                \
-    const int x0 = axis_geometry(pos_x, w, &fx, &inside_x);                \
+    const int x0 = axis_geometry(pos_x, w, &fx, &inside_x);
+
+// The channels of the thread's offset group.
+#define GROUP_CHANNELS                                                     \
     const int group_channels = c_in / G;                                   \
     const ptrdiff_t first_channel = (ptrdiff_t)group * group_channels;
-'''
+"""
 
-# Sizes and geometry, the trailing parameters of every kernel. Without a
-# mask, has_mask is 0 and mask is any array (never read).
-GEOMETRY_PARAMS = ('raw T offset, raw T mask, int32 has_mask, int64 P, '
+# Sizes and geometry, the trailing parameters of every kernel that finds
+# samples. Without a mask, has_mask is 0 and mask is any array (never read).
+GEOMETRY_PARAMS = ('raw C offset, raw C mask, int32 has_mask, int64 P, '
                    'int32 c_in, int32 h, int32 w, int32 out_h, int32 out_w, '
                    'int32 kh, int32 kw, int32 sy, int32 sx, int32 ph, '
                    'int32 pw, int32 dil_y, int32 dil_x, int32 G, '
-                   'int32 groups')
+                   'int32 groups, int32 by_image')
 
 
 class KernelSource(collections.namedtuple(
@@ -128,106 +165,182 @@ class KernelSource(collections.namedtuple(
 # Each thread writes its sample of every channel of its offset group:
 # neighbouring threads write neighbouring entries of a column row.
 SAMPLE_COLUMNS = KernelSource(
-    'deformable_sample_columns', 'raw T x', 'raw T col', r'''
-    SAMPLE_POSITION(T)
+    'deformable_sample_columns', 'raw T x', 'raw T col', r"""
+    SAMPLE_POSITION(C)
+    GROUP_CHANNELS
     for (ptrdiff_t ch = first_channel; ch < first_channel + group_channels;
          ++ch) {
         const T* image = &x[(n * c_in + ch) * h * w];
-        col[column_row(ch, k, K, c_in / groups) * P + p] =
-            m * ((1 - fy) * ((1 - fx) * pixel(image, h, w, y0, x0)
-                             + fx * pixel(image, h, w, y0, x0 + 1))
-                 + fy * ((1 - fx) * pixel(image, h, w, y0 + 1, x0)
-                         + fx * pixel(image, h, w, y0 + 1, x0 + 1)));
+        col[COLUMN_AT(ch)] = (T)(
+            m * ((1 - fy) * ((1 - fx) * pixel<C>(image, h, w, y0, x0)
+                             + fx * pixel<C>(image, h, w, y0, x0 + 1))
+                 + fy * ((1 - fx) * pixel<C>(image, h, w, y0 + 1, x0)
+                         + fx * pixel<C>(image, h, w, y0 + 1, x0 + 1))));
     }
-    ''')
+    """)
 
 # The adjoint of SAMPLE_COLUMNS: each thread adds its column entries to
 # their four corners.
 SCATTER_COLUMNS = KernelSource(
-    'deformable_scatter_columns', 'raw T gcol', 'raw T gx', r'''
-    SAMPLE_POSITION(T)
+    'deformable_scatter_columns', 'raw T gcol', 'raw C gx', r"""
+    SAMPLE_POSITION(C)
+    GROUP_CHANNELS
     // As on the CPU, samples with no corner in the image (NaN ones too)
     // add nothing.
     if (inside_y && inside_x) {
-        const T corner_weight[4] = {
+        const C corner_weight[4] = {
             (1 - fy) * (1 - fx) * m, (1 - fy) * fx * m,
             fy * (1 - fx) * m, fy * fx * m};
         for (ptrdiff_t ch = first_channel;
              ch < first_channel + group_channels; ++ch) {
             add_to_corners(&gx[(n * c_in + ch) * h * w], h, w, y0, x0,
-                           gcol[column_row(ch, k, K, c_in / groups) * P + p],
-                           corner_weight);
+                           (C)gcol[COLUMN_AT(ch)], corner_weight);
         }
     }
-    ''')
+    """)
 
 # Each thread sums over its group's channels and writes both of its offset
 # gradients and, with a mask, the mask's gradient (the unmodulated sample).
 OFFSET_GRADS = KernelSource(
     'deformable_offset_grads', 'raw T x, raw T gcol',
-    'raw T goffset, raw T gmask', r'''
-    SAMPLE_POSITION(T)
-    T s00 = 0, s01 = 0, s10 = 0, s11 = 0;
+    'raw C goffset, raw C gmask', r"""
+    SAMPLE_POSITION(C)
+    GROUP_CHANNELS
+    C s00 = 0, s01 = 0, s10 = 0, s11 = 0;
     for (ptrdiff_t ch = first_channel; ch < first_channel + group_channels;
          ++ch) {
         const T* image = &x[(n * c_in + ch) * h * w];
-        const T g = gcol[column_row(ch, k, K, c_in / groups) * P + p];
-        s00 += g * pixel(image, h, w, y0, x0);
-        s01 += g * pixel(image, h, w, y0, x0 + 1);
-        s10 += g * pixel(image, h, w, y0 + 1, x0);
-        s11 += g * pixel(image, h, w, y0 + 1, x0 + 1);
+        const C g = (C)gcol[COLUMN_AT(ch)];
+        s00 += g * pixel<C>(image, h, w, y0, x0);
+        s01 += g * pixel<C>(image, h, w, y0, x0 + 1);
+        s10 += g * pixel<C>(image, h, w, y0 + 1, x0);
+        s11 += g * pixel<C>(image, h, w, y0 + 1, x0 + 1);
     }
-    const T grad_y = (1 - fx) * (s10 - s00) + fx * (s11 - s01);
-    const T grad_x = (1 - fy) * (s01 - s00) + fy * (s11 - s10);
+    const C grad_y = (1 - fx) * (s10 - s00) + fx * (s11 - s01);
+    const C grad_x = (1 - fy) * (s01 - s00) + fy * (s11 - s10);
     // Multiplying (not branching) keeps NaN from a NaN fraction.
-    goffset[off] = grad_x * (T)inside_x * m;
-    goffset[off + K * plane] = grad_y * (T)inside_y * m;
+    goffset[off] = grad_x * (C)inside_x * m;
+    goffset[off + K * plane] = grad_y * (C)inside_y * m;
     if (has_mask) {
         gmask[mask_at] = (1 - fy) * (1 - fx) * s00 + (1 - fy) * fx * s01
                          + fy * (1 - fx) * s10 + fy * fx * s11;
     }
-    ''')
+    """)
 
 # Second order (``layout``): every channel's sample at every tap, ``(n, c,
 # K, out_h, out_w)``, in a derivative w.r.t. the sample's coordinates
 # (unmodulated: the mask is arithmetic on these), and its adjoint.
 SAMPLE_TAPS = KernelSource(
     'deformable_sample_taps', 'raw T x, int32 order_y, int32 order_x',
-    'raw T samples', r'''
-    SAMPLE_POSITION(T)
-    T weight[4];
+    'raw T samples', r"""
+    SAMPLE_POSITION(C)
+    GROUP_CHANNELS
+    C weight[4];
     corner_weights(fy, fx, inside_y, inside_x, order_y, order_x, weight);
     for (ptrdiff_t ch = first_channel; ch < first_channel + group_channels;
          ++ch) {
         const T* image = &x[(n * c_in + ch) * h * w];
-        samples[((n * c_in + ch) * K + k) * plane + oy * out_w + ox] =
-            weight[0] * pixel(image, h, w, y0, x0)
-            + weight[1] * pixel(image, h, w, y0, x0 + 1)
-            + weight[2] * pixel(image, h, w, y0 + 1, x0)
-            + weight[3] * pixel(image, h, w, y0 + 1, x0 + 1);
+        samples[((n * c_in + ch) * K + k) * plane + oy * out_w + ox] = (T)(
+            weight[0] * pixel<C>(image, h, w, y0, x0)
+            + weight[1] * pixel<C>(image, h, w, y0, x0 + 1)
+            + weight[2] * pixel<C>(image, h, w, y0 + 1, x0)
+            + weight[3] * pixel<C>(image, h, w, y0 + 1, x0 + 1));
     }
-    ''')
+    """)
 
 SCATTER_TAPS = KernelSource(
     'deformable_scatter_taps', 'raw T samples, int32 order_y, int32 order_x',
-    'raw T gx', r'''
-    SAMPLE_POSITION(T)
+    'raw C gx', r"""
+    SAMPLE_POSITION(C)
+    GROUP_CHANNELS
     // As in the backward, samples with no corner in the image add nothing.
     if (inside_y && inside_x) {
-        T weight[4];
+        C weight[4];
         corner_weights(fy, fx, inside_y, inside_x, order_y, order_x, weight);
         for (ptrdiff_t ch = first_channel;
              ch < first_channel + group_channels; ++ch) {
             add_to_corners(&gx[(n * c_in + ch) * h * w], h, w, y0, x0,
-                           samples[((n * c_in + ch) * K + k) * plane
-                                   + oy * out_w + ox],
+                           (C)samples[((n * c_in + ch) * K + k) * plane
+                                      + oy * out_w + ox],
                            weight);
         }
     }
-    ''')
+    """)
+
+# The deterministic adjoint, in two kernels. First each sample's four
+# corners as entries 4 * i + q: the input pixel (per offset group) each
+# lands on, as a sort key (n_keys for none), and its weight in the
+# derivative of order (order_y, order_x), modulated.
+CORNER_ENTRIES = KernelSource(
+    'deformable_corner_entries', 'int32 order_y, int32 order_x',
+    'raw int64 keys, raw C weights', r"""
+    SAMPLE_POSITION(C)
+    C weight[4];
+    corner_weights(fy, fx, inside_y, inside_x, order_y, order_x, weight);
+    const ptrdiff_t n_keys = P / plane * G * h * w;
+    for (int q = 0; q < 4; ++q) {
+        const int y = y0 + q / 2;
+        const int x = x0 + q % 2;
+        // As in the scatter, samples with no corner in the image add
+        // nothing (NaN ones too).
+        const bool lands = inside_y && inside_x
+                           && 0 <= y && y < h && 0 <= x && x < w;
+        keys[4 * i + q] = lands ? (n_group * h + y) * w + x : n_keys;
+        weights[4 * i + q] = weight[q] * m;
+    }
+    """)
+
+# Then one thread per input pixel of every channel adds its corners' values
+# in the sorted order (`order`, entries grouped by key from `starts`):
+# columns, or with `taps_layout` the second order's tap samples.
+GATHER_CORNERS = KernelSource(
+    'deformable_gather_corners',
+    'raw T values, raw int64 order, raw int64 starts, raw C weights, '
+    'int32 taps_layout', 'raw C gx', r"""
+    const ptrdiff_t image_size = (ptrdiff_t)h * w;
+    const ptrdiff_t ch = i / image_size % c_in;
+    const ptrdiff_t n = i / image_size / c_in;
+    const ptrdiff_t plane = (ptrdiff_t)out_h * out_w;
+    const ptrdiff_t key = (n * G + ch / (c_in / G)) * image_size
+                          + i % image_size;
+    C sum = 0;
+    for (ptrdiff_t e = starts[key]; e < starts[key + 1]; ++e) {
+        const ptrdiff_t entry = order[e];
+        const ptrdiff_t p = entry / 4 % P;
+        const int k = entry / 4 / P % K;
+        const ptrdiff_t at = taps_layout
+            ? ((n * c_in + ch) * K + k) * plane + p % plane
+            : COLUMN_AT(ch);
+        sum += (C)values[at] * weights[entry];
+    }
+    gx[i] = sum;
+    """)
+
+
+class PlainKernelSource(KernelSource):
+    """A kernel that finds no samples: its own parameters only."""
+
+    @property
+    def all_in_params(self):
+        return self.in_params
+
+    @property
+    def body(self):
+        return self.operation
+
+
+# The deterministic weight gradient: adds the images' products, (count,
+# size), to the total in image order.
+ORDERED_SUM = PlainKernelSource(
+    'deformable_ordered_sum', 'raw T products, int64 count, int64 size',
+    'C total', r"""
+    for (ptrdiff_t j = 0; j < count; ++j) {
+        total += (C)products[j * size + i];
+    }
+    """)
 
 KERNELS = (SAMPLE_COLUMNS, SCATTER_COLUMNS, OFFSET_GRADS, SAMPLE_TAPS,
-           SCATTER_TAPS)
+           SCATTER_TAPS, CORNER_ENTRIES, GATHER_CORNERS, ORDERED_SUM)
 
 
 def _kernel(source):
@@ -235,10 +348,39 @@ def _kernel(source):
                             source.body, source.name, preamble=PREAMBLE)
 
 
-class KernelArgs(object):
-    """The sizes and geometry arguments the kernels share."""
+def workspace_size():
+    """``chainer.config.deformable_workspace_size``, checked: the bytes the
+    buffers of one chunk of images may take."""
+    size = chainer.config.deformable_workspace_size
+    if (isinstance(size, bool) or not isinstance(size, numbers.Integral)
+            or size < 1):
+        raise ValueError(
+            'chainer.config.deformable_workspace_size must be a positive '
+            'number of bytes, not {!r} (set it with chainer.using_config or '
+            'the DEFORMABLE_WORKSPACE_SIZE variable)'.format(size))
+    return int(size)
 
-    def __init__(self, x_shape, offset, mask, ksize, hyperparameters):
+
+def chunks(n_images, bytes_per_image):
+    """Slices of the batch, each of as many whole images as fit in the
+    workspace at ``bytes_per_image`` (one at least)."""
+    per_chunk = max(1, workspace_size() // max(1, bytes_per_image))
+    return [slice(start, min(start + per_chunk, n_images))
+            for start in range(0, n_images, per_chunk)]
+
+
+def deterministic():
+    """Whether the backward must be bit-for-bit reproducible: Chainer's own
+    switch for cuDNN."""
+    return bool(chainer.config.cudnn_deterministic)
+
+
+class KernelArgs(object):
+    """The sizes and geometry arguments the kernels share, for the images
+    of ``offset`` (and ``mask``)."""
+
+    def __init__(self, x_shape, offset, mask, ksize, hyperparameters,
+                 by_image=False):
         n, c, h, w = x_shape
         _, offset_channels, out_h, out_w = offset.shape
         stride, pad, dilate, groups = hyperparameters
@@ -246,37 +388,88 @@ class KernelArgs(object):
         self.n_groups = offset_channels // (2 * n_taps)
         self.n_samples = n * out_h * out_w
         self.n_threads = self.n_groups * n_taps * self.n_samples
-        self.columns_shape = (c * n_taps, self.n_samples)
+        self.n_keys = n * self.n_groups * h * w
+        self.columns_shape = ((n, c * n_taps, out_h * out_w) if by_image
+                              else (c * n_taps, self.n_samples))
         self.args = ((offset, offset if mask is None else mask,
                       int(mask is not None), self.n_samples, c, h, w,
                       out_h, out_w) + tuple(ksize) + tuple(stride)
-                     + tuple(pad) + tuple(dilate) + (self.n_groups, groups))
+                     + tuple(pad) + tuple(dilate)
+                     + (self.n_groups, groups, int(by_image)))
+
+
+class Problem(object):
+    """The inputs as the kernels take them: ``x`` in its own dtype (the
+    storage type ``T``, contiguous), offset and mask in the compute dtype
+    (``C``), the weight as ``layout``'s matrix in ``T``."""
+
+    def __init__(self, hyperparameters, x, offset, W, mask):
+        self.hyperparameters = hyperparameters
+        self.compute_dtype = geometry.compute_dtype(x.dtype)
+        cupy = cuda.cupy
+        self.x = cupy.ascontiguousarray(x)
+        self.offset = cupy.ascontiguousarray(offset,
+                                             dtype=self.compute_dtype)
+        self.mask = None if mask is None else cupy.ascontiguousarray(
+            mask, dtype=self.compute_dtype)
+        self.weight = layout.weight_matrix(W, hyperparameters.groups,
+                                           x.dtype)
+        self.ksize = W.shape[2:]
+        _, c, _, _ = x.shape
+        self.plane = offset.shape[2] * offset.shape[3]
+        self.column_bytes = (c * self.ksize[0] * self.ksize[1] * self.plane
+                             * x.dtype.itemsize)
+
+    def args(self, images, by_image=False):
+        """Kernel arguments for the images of the slice ``images``."""
+        return KernelArgs(
+            self.x[images].shape, self.offset[images],
+            None if self.mask is None else self.mask[images], self.ksize,
+            self.hyperparameters, by_image)
 
 
 def sample_columns(x, kernel_args):
-    """Bilinear (and modulated) samples, ``(c * K, P)``."""
+    """Bilinear (and modulated) samples: ``(c * K, P)``, or ``(n, c * K,
+    plane)`` by image."""
     columns = cuda.cupy.empty(kernel_args.columns_shape, dtype=x.dtype)
     _kernel(SAMPLE_COLUMNS)(x, *kernel_args.args, columns,
                             size=kernel_args.n_threads)
     return columns
 
 
-def scatter_columns(grad_columns, x_shape, kernel_args):
-    """Adjoint of :func:`sample_columns` with atomicAdd: ``(n, c, h, w)``."""
-    grad_x = cuda.cupy.zeros(x_shape, dtype=grad_columns.dtype)
+def scatter_columns(grad_columns, grad_x, kernel_args):
+    """Adds the adjoint of :func:`sample_columns` to ``grad_x``, with
+    atomicAdd."""
     _kernel(SCATTER_COLUMNS)(grad_columns, *kernel_args.args, grad_x,
                              size=kernel_args.n_threads)
-    return grad_x
 
 
-def offset_grads(x, grad_columns, offset, mask, kernel_args):
-    """Gradients w.r.t. ``offset`` and ``mask`` (None without one)."""
-    grad_offset = cuda.cupy.empty_like(offset)
-    # Without a mask nothing is written to the placeholder.
-    grad_mask = cuda.cupy.empty_like(mask if mask is not None else offset[:0])
+def gather_corners(values, grad_x, kernel_args, order=(0, 0),
+                   taps_layout=False):
+    """Writes to ``grad_x`` the adjoint of the sampling, in the derivative
+    of ``order``, of ``values`` (columns, or with ``taps_layout`` the tap
+    samples) without atomics: each pixel adds its contributions in the
+    order of its samples."""
+    cupy = cuda.cupy
+    n_entries = 4 * kernel_args.n_threads
+    keys = cupy.empty(n_entries, numpy.int64)
+    weights = cupy.empty(n_entries, grad_x.dtype)
+    _kernel(CORNER_ENTRIES)(order[0], order[1], *kernel_args.args, keys,
+                            weights, size=kernel_args.n_threads)
+    # Stable: a pixel's entries keep the order of their samples.
+    entries = cupy.argsort(keys, kind='stable')
+    starts = cupy.searchsorted(keys[entries],
+                               cupy.arange(kernel_args.n_keys + 1))
+    _kernel(GATHER_CORNERS)(values, entries, starts, weights,
+                            int(taps_layout), *kernel_args.args, grad_x,
+                            size=grad_x.size)
+
+
+def offset_grads(x, grad_columns, grad_offset, grad_mask, kernel_args):
+    """Writes the gradients w.r.t. the offsets and the mask (any array of
+    the compute dtype without one)."""
     _kernel(OFFSET_GRADS)(x, grad_columns, *kernel_args.args, grad_offset,
                           grad_mask, size=kernel_args.n_threads)
-    return grad_offset, (grad_mask if mask is not None else None)
 
 
 def _grouped_matmul(a, b):
@@ -291,66 +484,118 @@ class GpuBackend(object):
 
     name = 'cupy'
 
-    def _prepare(self, hyperparameters, x, offset, W, mask):
-        """The inputs in the compute dtype, C-contiguous as the kernels
-        index them, the weight matrix and the kernels' arguments."""
-        dtype = geometry.compute_dtype(x.dtype)
-        x, offset = (cuda.cupy.ascontiguousarray(a, dtype=dtype)
-                     for a in (x, offset))
-        if mask is not None:
-            mask = cuda.cupy.ascontiguousarray(mask, dtype=dtype)
-        weight = layout.weight_matrix(W, hyperparameters.groups, dtype)
-        kernel_args = KernelArgs(x.shape, offset, mask, W.shape[2:],
-                                 hyperparameters)
-        return x, offset, mask, weight, kernel_args
-
     def forward(self, hyperparameters, x, offset, W, b, mask):
-        """Output and the columns, kept for the backward."""
-        x_c, offset, mask, weight, kernel_args = self._prepare(
-            hyperparameters, x, offset, W, mask)
-        n, _, out_h, out_w = offset.shape
-        columns = sample_columns(x_c, kernel_args)
-        groups, width, out_group = weight.shape
-        # Sizes written out: with no images, -1 would be ambiguous.
-        n_samples = kernel_args.n_samples
-        y = _grouped_matmul(weight.transpose(0, 2, 1),
-                            columns.reshape(groups, width, n_samples))
-        y = y.reshape(groups * out_group, n_samples)
+        """Output and, where they fit in half the workspace, the columns,
+        kept for the backward."""
+        problem = Problem(hyperparameters, x, offset, W, mask)
+        groups, width, out_group = problem.weight.shape
+        n = x.shape[0]
+        y = cuda.cupy.empty((n, groups * out_group) + offset.shape[2:],
+                            x.dtype)
+        # Kept where the backward's gradient columns fit beside them; the
+        # deterministic backward makes its own, image by image.
+        keep = (not deterministic()
+                and 2 * n * problem.column_bytes <= workspace_size())
+        kept = None
+        for images in chunks(n, problem.column_bytes):
+            kernel_args = problem.args(images)
+            columns = sample_columns(problem.x[images], kernel_args)
+            y_chunk = _grouped_matmul(
+                problem.weight.transpose(0, 2, 1),
+                columns.reshape(groups, width, kernel_args.n_samples))
+            y[images] = y_chunk.reshape(
+                (groups * out_group, -1) + offset.shape[2:]).transpose(
+                    1, 0, 2, 3)
+            if keep:
+                kept = columns
         if b is not None:
-            y += b.astype(y.dtype, copy=False)[:, None]
-        y = y.reshape(groups * out_group, n, out_h, out_w).transpose(
-            1, 0, 2, 3)
-        return cuda.cupy.ascontiguousarray(y, dtype=x.dtype), columns
+            y += b.astype(x.dtype, copy=False)[:, None, None]
+        return y, kept
+
+    def _chunk_bytes(self, problem, needed, n_groups):
+        """Bytes of one image's buffers in the backward."""
+        if not deterministic():
+            return 2 * problem.column_bytes      # columns and gradients
+        groups, width, out_group = problem.weight.shape
+        itemsize = problem.x.dtype.itemsize
+        products = groups * width * out_group * itemsize if 'W' in needed \
+            else 0
+        # Key, weight, sorted key and place of each sample's corners.
+        n_taps = problem.ksize[0] * problem.ksize[1]
+        entries = 4 * n_groups * n_taps * problem.plane * 32
+        return 2 * problem.column_bytes + products + entries
 
     def backward(self, hyperparameters, x, offset, W, gy, mask, kept,
                  needed):
         """The gradients named in ``needed``; ``kept``: the forward's
         columns, or None."""
-        x_c, offset_c, mask_c, weight, kernel_args = self._prepare(
-            hyperparameters, x, offset, W, mask)
-        groups, width, out_group = weight.shape
-        # (groups, out_group, P), samples in the columns' order.
-        n_samples = kernel_args.n_samples
-        gy = gy.astype(weight.dtype, copy=False).transpose(
-            1, 0, 2, 3).reshape(groups, out_group, n_samples)
+        cupy = cuda.cupy
+        problem = Problem(hyperparameters, x, offset, W, mask)
+        by_image = deterministic()
+        groups, width, out_group = problem.weight.shape
+        n = x.shape[0]
+        plane = problem.plane
+        compute = problem.compute_dtype
         grads = {}
         if 'W' in needed:
-            columns = kept if kept is not None else sample_columns(
-                x_c, kernel_args)
-            grads['W'] = layout.weight_from_matrix(_grouped_matmul(
-                columns.reshape(groups, width, n_samples),
-                gy.transpose(0, 2, 1)),
-                W.shape)
-        if needed & {'x', 'offset', 'mask'}:
-            grad_columns = _grouped_matmul(weight, gy).reshape(
-                kernel_args.columns_shape)
-            if 'x' in needed:
+            grads['W'] = cupy.zeros(problem.weight.shape, compute)
+        if 'x' in needed:
+            grads['x'] = cupy.zeros(x.shape, compute)
+            if not by_image:
                 utils.nondeterministic('atomicAdd')
-                grads['x'] = scatter_columns(grad_columns, x.shape,
-                                             kernel_args)
+        if needed & {'offset', 'mask'}:
+            grads['offset'] = cupy.empty(offset.shape, compute)
+            grads['mask'] = (cupy.empty(mask.shape, compute)
+                             if mask is not None else None)
+        n_groups = offset.shape[1] // (2 * problem.ksize[0]
+                                       * problem.ksize[1])
+        for images in chunks(n, self._chunk_bytes(problem, needed,
+                                                  n_groups)):
+            kernel_args = problem.args(images, by_image)
+            count = images.stop - images.start
+            if by_image:
+                # Each image's products have one shape whatever the chunk.
+                gy_chunk = cupy.ascontiguousarray(
+                    gy[images], dtype=x.dtype).reshape(
+                        count, groups, out_group, plane)
+            else:
+                # (groups, out_group, P), samples in the columns' order.
+                gy_chunk = gy[images].astype(x.dtype, copy=False).transpose(
+                    1, 0, 2, 3).reshape(groups, out_group, count * plane)
+            if 'W' in needed:
+                columns = kept if (kept is not None and not by_image
+                                   and images == slice(0, n)) else \
+                    sample_columns(problem.x[images], kernel_args)
+                if by_image:
+                    products = cupy.matmul(
+                        columns.reshape(count, groups, width, plane),
+                        gy_chunk.transpose(0, 1, 3, 2))
+                    _kernel(ORDERED_SUM)(products, count, products[0].size,
+                                         grads['W'])
+                else:
+                    grads['W'] += _grouped_matmul(
+                        columns.reshape(groups, width, count * plane),
+                        gy_chunk.transpose(0, 2, 1))
+            if not needed & {'x', 'offset', 'mask'}:
+                continue
+            grad_columns = (cupy.matmul(problem.weight, gy_chunk)
+                            if by_image else
+                            _grouped_matmul(problem.weight, gy_chunk))
+            if 'x' in needed:
+                if by_image:
+                    gather_corners(grad_columns, grads['x'][images],
+                                   kernel_args)
+                else:
+                    scatter_columns(grad_columns, grads['x'][images],
+                                    kernel_args)
             if needed & {'offset', 'mask'}:
-                grads['offset'], grads['mask'] = offset_grads(
-                    x_c, grad_columns, offset_c, mask_c, kernel_args)
+                grad_mask = grads['mask']
+                offset_grads(problem.x[images], grad_columns,
+                             grads['offset'][images],
+                             grads['offset'][:0] if grad_mask is None
+                             else grad_mask[images], kernel_args)
+        if 'W' in needed:
+            grads['W'] = layout.weight_from_matrix(grads['W'], W.shape)
         return {name: grads[name].astype(x.dtype, copy=False)
                 for name in needed}
 
@@ -375,15 +620,19 @@ class GpuBackend(object):
 
     def scatter_taps(self, hyperparameters, samples, offset, x_shape, ksize,
                      order):
-        """The adjoint of :meth:`sample_taps`: ``x_shape``, with
-        atomicAdd."""
+        """The adjoint of :meth:`sample_taps`: ``x_shape``, with atomicAdd
+        or, in the deterministic mode, gathered."""
         samples_c, kernel_args = self._tap_args(hyperparameters, samples,
                                                 offset, x_shape, ksize)
-        utils.nondeterministic('atomicAdd')
         grad = cuda.cupy.zeros(x_shape, samples_c.dtype)
-        _kernel(SCATTER_TAPS)(samples_c, order[0], order[1],
-                              *kernel_args.args, grad,
-                              size=kernel_args.n_threads)
+        if deterministic():
+            gather_corners(samples_c, grad, kernel_args, order,
+                           taps_layout=True)
+        else:
+            utils.nondeterministic('atomicAdd')
+            _kernel(SCATTER_TAPS)(samples_c, order[0], order[1],
+                                  *kernel_args.args, grad,
+                                  size=kernel_args.n_threads)
         return grad.astype(samples.dtype, copy=False)
 
 

@@ -1,0 +1,367 @@
+"""The GPU path's chunks of images, its half precision and its deterministic
+mode: on the CPU through the kernel emulation, and on a GPU where there is
+one (``gpu``).
+
+- **Chunks.** ``chainer.config.deformable_workspace_size`` bounds the
+  buffers of one chunk of images; any chunking gives the same results.
+- **float16.** Columns and products are half precision, positions and
+  gradient sums float32: errors against float64 on the same rounded inputs
+  stay within 1e-3 (output) and 1e-2 (gradients) of the largest value.
+- **Deterministic mode.** Under ``cudnn_deterministic`` the backward uses no
+  atomics and its gradients are bit for bit the same across runs and chunk
+  sizes.
+"""
+
+import contextlib
+import warnings
+
+import numpy
+import pytest
+
+import chainer
+from chainer import testing
+
+import deformable
+from deformable.backends import gpu
+
+import helpers
+import kernel_emulation
+
+
+needs_compiler = pytest.mark.skipif(
+    not kernel_emulation.compiler_available(),
+    reason='needs a C++ compiler ({}) to run the CUDA kernels on the '
+           'CPU'.format(kernel_emulation.CXX))
+PATHS = [pytest.param('emulated', marks=needs_compiler),
+         pytest.param('gpu', marks=pytest.mark.gpu)]
+NAMES = ('x', 'offset', 'W', 'b', 'mask')
+PARAMS = {'stride': (1, 2), 'pad': (2, 1), 'dilate': (2, 1), 'groups': 2}
+
+
+@contextlib.contextmanager
+def on(path):
+    """The device the op runs on along ``path``: NumPy arrays through the
+    emulated kernels, or the first GPU."""
+    if path == 'gpu':
+        yield chainer.get_device('@cupy:0')
+    else:
+        with kernel_emulation.gpu_path_on_cpu():
+            yield chainer.backend.CpuDevice()
+
+
+def general_case(dtype=numpy.float64, n=3, seed=0):
+    """Every feature on (offset groups, groups, dilation, stride, a mask),
+    samples across and outside the image, a NaN and an infinite offset."""
+    rng = numpy.random.RandomState(seed)
+    inputs = helpers.make_general_inputs(
+        rng, n, 4, 4, 7, 9, (3, 3), PARAMS['stride'], PARAMS['pad'],
+        PARAMS['dilate'], PARAMS['groups'], 2, True, spread=4, dtype=dtype)
+    inputs[1][0, 3, 1, 2] = numpy.nan
+    inputs[1][n - 1, 20, 2, 1] = numpy.inf
+    gy = rng.uniform(-1, 1, (n, 4) + inputs[1].shape[2:]).astype(dtype)
+    return inputs, gy
+
+
+@contextlib.contextmanager
+def using_configs(**config):
+    with contextlib.ExitStack() as stack:
+        for name, value in config.items():
+            stack.enter_context(chainer.using_config(name, value))
+        yield
+
+
+def run(device, inputs, gy, params=PARAMS, **config):
+    """Output and gradients (NumPy arrays, by name) under ``config``."""
+    cpu = chainer.backend.CpuDevice()
+    with using_configs(**config):
+        variables = {name: chainer.Variable(device.send(a.copy()))
+                     for name, a in zip(NAMES, inputs) if a is not None}
+        y = deformable.deformable_convolution_2d_sampler(
+            variables['x'], variables['offset'], variables['W'],
+            variables.get('b'), mask=variables.get('mask'), **params)
+        y.grad = device.send(gy.copy())
+        y.backward()
+    results = {'y': cpu.send(y.array)}
+    results.update(('g' + name, cpu.send(v.grad))
+                   for name, v in variables.items())
+    return results
+
+
+def image_bytes(inputs, itemsize=8):
+    """One image's columns."""
+    x, offset, W = inputs[:3]
+    return (x.shape[1] * W.shape[2] * W.shape[3] * offset.shape[2]
+            * offset.shape[3] * itemsize)
+
+
+def assert_close(actual, expected, rtol):
+    for name, e in expected.items():
+        a = actual[name]
+        nan = numpy.isnan(e)
+        numpy.testing.assert_array_equal(numpy.isnan(a), nan, name)
+        scale = max(numpy.abs(e[~nan]).max(initial=0), 1e-300)
+        error = numpy.abs(a[~nan] - e[~nan]).max(initial=0) / scale
+        assert error <= rtol, (name, error)
+
+
+# --- Chunks ----------------------------------------------------------------
+
+@pytest.mark.parametrize('path', PATHS)
+@pytest.mark.parametrize('deterministic', [False, True])
+def test_any_chunking_gives_the_same_results(path, deterministic):
+    inputs, gy = general_case(n=5)
+    one = image_bytes(inputs)
+    with on(path) as device:
+        results = [run(device, inputs, gy, deformable_workspace_size=size,
+                       cudnn_deterministic=deterministic)
+                   for size in (2 ** 40, 1, 3 * one, 5 * one)]
+    for other in results[1:]:
+        if deterministic:
+            # Bit for bit, runs and chunk sizes alike.
+            for name in results[0]:
+                numpy.testing.assert_array_equal(other[name],
+                                                 results[0][name], name)
+        else:
+            assert_close(other, results[0], 1e-13)
+
+
+@needs_compiler
+@pytest.mark.parametrize('deterministic', [False, True])
+def test_chunks_bound_the_buffers(deterministic, monkeypatch):
+    inputs, gy = general_case(n=5)
+    one = image_bytes(inputs)
+    workspace = 4 * one
+    chunks = []
+    sample = gpu.sample_columns
+
+    def recording(x, kernel_args):
+        columns = sample(x, kernel_args)
+        chunks.append((x.shape[0], columns.nbytes))
+        return columns
+    monkeypatch.setattr(gpu, 'sample_columns', recording)
+    with on('emulated') as device:
+        results = run(device, inputs, gy, deformable_workspace_size=workspace,
+                      cudnn_deterministic=deterministic)
+    # The forward's chunks hold columns only: four images at a time.
+    assert chunks[:2] == [(4, 4 * one), (1, one)]
+    # The backward's, columns and their gradients (and more in the
+    # deterministic mode): at most half the workspace of columns each.
+    backward = chunks[2:]
+    assert sum(images for images, _ in backward) == 5
+    assert max(size for _, size in backward) <= workspace / 2
+    most = 1 if deterministic else 2
+    assert max(images for images, _ in backward) == most
+    with on('emulated') as device:
+        whole = run(device, inputs, gy, cudnn_deterministic=deterministic)
+    assert_close(results, whole, 1e-13)
+
+
+@needs_compiler
+def test_columns_are_kept_only_where_they_fit(monkeypatch):
+    inputs, gy = general_case()
+    calls = []
+    sample = gpu.sample_columns
+
+    def counting(x, kernel_args):
+        calls.append(x.shape[0])
+        return sample(x, kernel_args)
+    monkeypatch.setattr(gpu, 'sample_columns', counting)
+    everything = 2 * 3 * image_bytes(inputs)
+    with on('emulated') as device:
+        for size, expected in [(everything, [3]),
+                               (everything - 1, [3, 2, 1])]:
+            del calls[:]
+            run(device, inputs, gy, deformable_workspace_size=size)
+            assert calls == expected, size
+
+
+@pytest.mark.parametrize('size', [0, -5, 1.5, '64', True, None])
+def test_bad_workspace_is_named(size):
+    with pytest.raises(ValueError, match='deformable_workspace_size'):
+        with chainer.using_config('deformable_workspace_size', size):
+            gpu.workspace_size()
+
+
+def test_workspace_size_from_the_environment():
+    # The default comes from DEFORMABLE_WORKSPACE_SIZE where it is set.
+    import subprocess
+    import sys
+    code = ('import chainer, deformable.backends; '
+            'print(chainer.config.deformable_workspace_size)')
+    for value, expected in [('12345', '12345'), ('', str(64 * 2 ** 20))]:
+        env = dict(__import__('os').environ, DEFORMABLE_WORKSPACE_SIZE=value)
+        out = subprocess.run([sys.executable, '-c', code], env=env,
+                             stdout=subprocess.PIPE, check=True,
+                             universal_newlines=True).stdout
+        assert out.strip() == expected
+
+
+# --- Deterministic mode ----------------------------------------------------
+
+@needs_compiler
+@testing.parameterize(*testing.product({
+    'dtype': [numpy.float64, numpy.float32],
+    'with_mask': [False, True],
+}))
+class TestDeterministicAgreesWithCpu(object):
+
+    def test_agrees(self):
+        inputs, gy = general_case(self.dtype)
+        if not self.with_mask:
+            inputs = inputs[:4] + (None,)
+        rtol = 1e-12 if self.dtype == numpy.float64 else 1e-5
+        with chainer.using_config('cudnn_deterministic', True):
+            problems = helpers.gpu_path_disagreements(inputs, gy, rtol,
+                                                      **PARAMS)
+        assert not problems, problems
+
+
+@needs_compiler
+@pytest.mark.parametrize('double_backward', [False, True])
+def test_deterministic_mode_uses_no_atomics(double_backward, monkeypatch):
+    inputs, gy = general_case()
+    used = set()
+    kernel = gpu._kernel
+
+    def recording(source):
+        used.add(source.name)
+        return kernel(source)
+    monkeypatch.setattr(gpu, '_kernel', recording)
+    atomic = {gpu.SCATTER_COLUMNS.name, gpu.SCATTER_TAPS.name}
+    for deterministic in (False, True):
+        used.clear()
+        with on('emulated') as device, warnings.catch_warnings(
+                record=True) as caught, chainer.using_config(
+                    'cudnn_deterministic', deterministic), \
+                chainer.using_config('warn_nondeterministic', True):
+            warnings.simplefilter('always')
+            variables = [chainer.Variable(device.send(a)) for a in inputs]
+            y = deformable.deformable_convolution_2d_sampler(
+                *variables[:4], mask=variables[4], **PARAMS)
+            gx, = chainer.grad([chainer.functions.sum(y * y)],
+                               [variables[0]],
+                               enable_double_backprop=double_backward)
+            if double_backward:
+                chainer.functions.sum(gx * gx).backward()
+        nondeterministic = [w for w in caught
+                            if 'nondeterministic' in str(w.message).lower()
+                            or 'atomic' in str(w.message).lower()]
+        if deterministic:
+            assert not used & atomic, used
+            assert not nondeterministic
+        else:
+            assert used & atomic
+            assert nondeterministic
+
+
+# Bugs planted in the deterministic mode's kernels, each of which the
+# comparison with the CPU path must catch: (constant of gpu, old, new).
+PLANTED_BUGS = {
+    'corner key of the wrong column': (
+        'CORNER_ENTRIES', '(n_group * h + y) * w + x', '(n_group * h + y) * w'
+        ' + x0'),
+    'mask left out of the entries': (
+        'CORNER_ENTRIES', 'weight[q] * m', 'weight[q]'),
+    'gather of the wrong tap': (
+        'GATHER_CORNERS', 'const int k = entry / 4 / P % K;',
+        'const int k = entry / 4 / P % K / 2;'),
+    'last entry of each pixel dropped': (
+        'GATHER_CORNERS', 'e < starts[key + 1]', 'e + 1 < starts[key + 1]'),
+    'last image of the weight gradient dropped': (
+        'ORDERED_SUM', 'j < count', 'j + 1 < count'),
+    'columns by image misplaced': (
+        'PREAMBLE', 'p / plane * rows + row', 'p / plane + row'),
+}
+
+
+@needs_compiler
+@pytest.mark.parametrize('bug', sorted(PLANTED_BUGS))
+def test_planted_bugs_are_caught(bug):
+    inputs, gy = general_case(n=2)
+    with chainer.using_config('cudnn_deterministic', True):
+        assert not helpers.gpu_path_disagreements(inputs, gy, 1e-12,
+                                                  **PARAMS)
+        with kernel_emulation.planted(*PLANTED_BUGS[bug]):
+            assert helpers.gpu_path_disagreements(inputs, gy, 1e-12,
+                                                  **PARAMS)
+
+
+# --- float16 ---------------------------------------------------------------
+
+HALF_PARAMS = {'pad': 1}
+
+
+def half_case():
+    """float16 inputs on a wide image (positions past 150, where float16
+    resolves an eighth of a pixel), their exact float64 values, and the
+    float64 reference computed from them on the CPU."""
+    rng = numpy.random.RandomState(3)
+    inputs = helpers.make_general_inputs(
+        rng, 2, 16, 8, 6, 170, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2, True,
+        spread=3, dtype=numpy.float16)
+    gy = rng.uniform(-1, 1, (2, 8) + inputs[1].shape[2:]).astype(
+        numpy.float16)
+    exact = [a.astype(numpy.float64) for a in inputs]
+    expected = run(chainer.backend.CpuDevice(), exact,
+                   gy.astype(numpy.float64), HALF_PARAMS)
+    return inputs, gy, expected
+
+
+def half_errors(results, expected):
+    """Each result's largest error relative to the largest reference
+    value."""
+    return {name: numpy.abs(results[name].astype(numpy.float64)
+                            - e).max() / numpy.abs(e).max()
+            for name, e in expected.items()}
+
+
+@pytest.mark.parametrize('path', PATHS + ['cpu'])
+@pytest.mark.parametrize('deterministic', [False, True])
+def test_float16_accuracy(path, deterministic):
+    inputs, gy, expected = half_case()
+    context = (contextlib.nullcontext(chainer.backend.CpuDevice())
+               if path == 'cpu' else on(path))
+    with context as device:
+        results = run(device, inputs, gy, HALF_PARAMS,
+                      cudnn_deterministic=deterministic)
+    assert all(results[name].dtype == numpy.float16 for name in results)
+    errors = half_errors(results, expected)
+    assert errors.pop('y') <= 1e-3
+    assert max(errors.values()) <= 1e-2, errors
+
+
+@needs_compiler
+def test_float16_columns_are_half_and_positions_float32(monkeypatch):
+    inputs, gy, _ = half_case()
+    seen = []
+    for name in ('sample_columns', 'scatter_columns', 'offset_grads'):
+        function = getattr(gpu, name)
+
+        def recording(*args, function=function, name=name):
+            kernel_args = args[-1]
+            seen.append((name, args[0].dtype, kernel_args.args[0].dtype))
+            return function(*args)
+        monkeypatch.setattr(gpu, name, recording)
+    with on('emulated') as device:
+        run(device, inputs, gy, HALF_PARAMS)
+    assert {name for name, _, _ in seen} == {
+        'sample_columns', 'scatter_columns', 'offset_grads'}
+    half, single = numpy.dtype(numpy.float16), numpy.dtype(numpy.float32)
+    for name, values, positions in seen:
+        # sample_columns and offset_grads read x, scatter_columns the
+        # columns' gradient: half precision; the offsets are float32.
+        assert (values, positions) == (half, single), name
+
+
+@needs_compiler
+def test_positions_in_half_would_miss_the_bounds(monkeypatch):
+    # What float32 positions buy: the same kernels computing in half (as
+    # torchvision does) miss both bounds on this case.
+    from deformable import geometry
+    inputs, gy, expected = half_case()
+    monkeypatch.setattr(geometry, 'compute_dtype', numpy.dtype)
+    with on('emulated') as device:
+        results = run(device, inputs, gy, HALF_PARAMS)
+    errors = half_errors(results, expected)
+    assert errors.pop('y') > 1e-2
+    assert max(errors.values()) > 1e-2, errors
