@@ -10,6 +10,17 @@ import chainermn
 
 COMMUNICATORS = ('naive', 'pure_nccl')  # ChainerMN's, for --communicator
 
+# pure_nccl packs the parameters into one buffer with two CUDA kernels of
+# ChainerMN 7.8.1 (chainermn/communicators/_memory_utility.py) that use
+# CUDA's `half`. CuPy 13's <cupy/carray.cuh> included <cuda_fp16.h>, which
+# declares it; CuPy 14's does not (its float16 moved to cupy/float16.cuh),
+# so they fail to compile ("error: expected an expression"). Including
+# <cuda_fp16.h> after <cupy/carray.cuh> declares `half` under CuPy 14 and
+# changes nothing under CuPy 13, where it is already in.
+_CARRAY = '#include <cupy/carray.cuh>\n'
+_FP16 = '#include <cuda_fp16.h>  // half; CuPy 14 no longer includes it\n'
+HALF_KERNELS = ('_cupy_batched_pack_params', '_cupy_batched_unpack_params')
+
 
 def check_args(parser, args):
     """Refuses, through ``parser``, a ``--communicator`` that cannot run:
@@ -44,6 +55,35 @@ def fail(comm, message):
     raise SystemExit(1)
 
 
+def declare_half_in_chainermn_kernels():
+    """Adds ``#include <cuda_fp16.h>`` to the CUDA sources of ChainerMN's
+    packing kernels (``HALF_KERNELS``), which pure_nccl compiles on its
+    first update, so that they compile under CuPy 14 too; a second call
+    changes nothing. Raises RuntimeError where they are not ChainerMN
+    7.8.1's."""
+    from chainermn.communicators import _memory_utility
+    for name in HALF_KERNELS:
+        # Each function returns chainer.cuda.raw(SOURCE, NAME), SOURCE a
+        # constant of its code: the constant is replaced, nothing else.
+        code = getattr(getattr(_memory_utility, name, None), '__code__',
+                       None)
+        consts = code.co_consts if code is not None else ()
+        found = [i for i, c in enumerate(consts)
+                 if isinstance(c, str) and _CARRAY in c and 'half*' in c]
+        if len(found) != 1:
+            raise RuntimeError(
+                "ChainerMN's {}.{} is not the CUDA kernel that "
+                'experiments/distributed.py makes compile under CuPy 14 '
+                "(ChainerMN 7.8.1's): see declare_half_in_chainermn_kernels "
+                'there'.format(_memory_utility.__name__, name))
+        i, = found
+        if _FP16 in consts[i]:
+            continue  # done before
+        source = consts[i].replace(_CARRAY, _CARRAY + _FP16, 1)
+        getattr(_memory_utility, name).__code__ = code.replace(
+            co_consts=consts[:i] + (source,) + consts[i + 1:])
+
+
 def create_communicator(communicator, gpu):
     """ChainerMN's communicator named ``communicator`` (None for None), and
     the device of this process (``gpu``: a GPU ID or negative)."""
@@ -54,6 +94,8 @@ def create_communicator(communicator, gpu):
     # of leaving them waiting for it.
     chainermn.global_except_hook.add_hook()
     try:
+        if communicator == 'pure_nccl':
+            declare_half_in_chainermn_kernels()  # for CuPy 14
         comm = chainermn.create_communicator(communicator)
     except RuntimeError as e:  # e.g. pure_nccl without NCCL
         fail(MPI.COMM_WORLD, '--communicator {}: {}'.format(communicator, e))
