@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of this project, in one run on a GPU machine (see
-# results/gpu/README.md): the GPU tests (second derivatives included),
-# compute-sanitizer on extreme offsets, one epoch of each convnet (DCNv1,
-# regular, DCNv2), a short double-backprop run and the benchmark. Needs
+# results/gpu/README.md): the GPU tests (second derivatives, chunks,
+# float16 and the deterministic mode included), compute-sanitizer on
+# extreme offsets (in each mode), one epoch of each convnet (DCNv1,
+# regular, DCNv2), a short double-backprop run, and the benchmarks: the
+# op, the ResNet-like layers against torchvision and cuDNN, and each
+# kernel against its bandwidth floor. Needs
 # Chainer and ChainerCV's Python files importable, e.g. the GPU kit in
 # .devkit/ (Chainer, ChainerCV, a NumPy-2 shim and MNIST; built by `make
 # gpu-kit`). Writes its summaries to $OUT (default results/gpu); each step
@@ -45,7 +48,7 @@ compute-sanitizer --version 2>&1 | tail -1
 step 'pytest -m gpu'
 timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu -n 4 -rfEs \
     tests/test_sampler.py tests/test_sampler_general.py tests/test_links.py \
-    tests/test_double_backward.py \
+    tests/test_double_backward.py tests/test_gpu_modes.py \
     2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
 
 step 'compute-sanitizer memcheck: extreme offsets'
@@ -79,6 +82,14 @@ step "benchmarks/bench_sampler.py --gpu $GPU"
       --double-backprop 0.01 --repeats 7
   timeout 60 $PY benchmarks/bench_sampler.py --gpu $GPU --mode features --repeats 7
 } 2>&1 | tee "$OUT/bench-gpu.md"
+
+step "benchmarks/bench_gpu_layers.py --gpu $GPU: ResNet-like layers against torchvision and cuDNN"
+timeout 150 $PY benchmarks/bench_gpu_layers.py --gpu $GPU 2>&1 \
+    | tee "$OUT/bench-gpu-layers.md" | tail -15
+
+step "benchmarks/bench_gpu_kernels.py --gpu $GPU: each kernel and its bandwidth floor"
+timeout 60 $PY benchmarks/bench_gpu_kernels.py --gpu $GPU --repeats 7 2>&1 \
+    | tee "$OUT/bench-gpu-kernels.md" | tail -14
 
 step 'compute-sanitizer memcheck: planted out-of-bounds read (must report errors)'
 timeout 60 compute-sanitizer --tool memcheck --error-exitcode 3 \

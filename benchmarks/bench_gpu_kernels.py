@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Each kernel of the GPU path: its time beside the bytes it must move and
+the floor those bytes set at the device's memory bandwidth.
+
+For a few ResNet-like layers (3x3, pad 1) the script runs each stage of the
+forward and backward alone, the default ones and the deterministic mode's,
+and prints a table per layer: median time, bytes moved (each array the
+stage must read or write, once), the bandwidth floor (bytes over the copy
+bandwidth measured in the same process), how far above it the stage runs,
+and for the matrix products their rate. The bytes are a lower bound: a
+gather reads its corners more than once where caches miss.
+
+    python benchmarks/bench_gpu_kernels.py --gpu 0
+    python benchmarks/bench_gpu_kernels.py --gpu-kernels-on-cpu --smoke
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import numpy
+
+import chainer
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from deformable import arguments  # NOQA
+from deformable.backends import gpu  # NOQA
+
+
+# name: (batch, channels in = out, height, width, offset groups, mask)
+LAYERS = {
+    'c3 b64 28x28': (64, 128, 28, 28, 1, False),
+    'c3 b64 28x28 mask G4': (64, 128, 28, 28, 4, True),
+    'c5 b64 7x7': (64, 512, 7, 7, 1, False),
+    'c3 b2 100x152': (2, 128, 100, 152, 1, False),
+}
+SMOKE_LAYERS = {'smoke': (2, 8, 6, 7, 2, True)}
+
+
+class Stage(object):
+    """One kernel (or product) to time: ``run()``, the bytes it must move
+    and, for products, its floating-point operations."""
+
+    def __init__(self, name, run, nbytes, flops=0):
+        self.name, self.run, self.nbytes, self.flops = name, run, nbytes, flops
+
+
+def nbytes(*arrays):
+    return sum(a.nbytes for a in arrays if a is not None)
+
+
+def stages(xp, layer, dtype, rng):
+    """The forward's and backward's stages on one layer, each on arrays
+    made beforehand (so each stage runs alone)."""
+    n, c, h, w, n_groups, with_mask = layer
+    taps = 9
+    x = xp.asarray(rng.uniform(-1, 1, (n, c, h, w)), dtype)
+    offset = xp.asarray(rng.uniform(-2, 2, (n, 2 * n_groups * taps, h, w)),
+                        numpy.float32 if dtype == numpy.float16 else dtype)
+    mask = xp.asarray(rng.uniform(0, 1, (n, n_groups * taps, h, w)),
+                      offset.dtype) if with_mask else None
+    W = xp.asarray(rng.uniform(-1, 1, (c, c, 3, 3)) / 30, dtype)
+    gy = xp.asarray(rng.uniform(-1, 1, (n, c, h, w)), dtype)
+    hyperparameters = arguments.Hyperparameters.checked(1, 1, 1, 1)
+    problem = gpu.Problem(hyperparameters, x, offset, W, mask)
+    everything = slice(0, n)
+    args = problem.args(everything)
+    by_image = problem.args(everything, by_image=True)
+    compute = problem.compute_dtype
+    columns = gpu.sample_columns(problem.x, args)
+    weight = problem.weight
+    _, width, out_group = weight.shape
+    P = args.n_samples
+    gy_matrix = xp.ascontiguousarray(gy.transpose(1, 0, 2, 3)).reshape(
+        1, out_group, P)
+    grad_columns = weight[0].dot(gy_matrix[0])
+    grad_x = xp.zeros(x.shape, compute)
+    grad_offset = xp.empty(offset.shape, compute)
+    grad_mask = xp.empty(mask.shape if with_mask else (0,), compute)
+    geometry = nbytes(offset, mask)
+    flops = 2 * c * width * P
+    result = [
+        Stage('sample_columns', lambda: gpu.sample_columns(problem.x, args),
+              nbytes(x, columns) + geometry),
+        Stage('forward product', lambda: weight[0].T.dot(columns),
+              nbytes(weight, columns, gy), flops),
+        Stage('weight product', lambda: columns.dot(gy_matrix[0].T),
+              nbytes(columns, gy, weight), flops),
+        Stage('column gradient product',
+              lambda: weight[0].dot(gy_matrix[0]),
+              nbytes(weight, gy, grad_columns), flops),
+        Stage('scatter_columns (atomicAdd)',
+              lambda: gpu.scatter_columns(grad_columns, grad_x, args),
+              nbytes(grad_columns, grad_x) + geometry),
+        Stage('offset_grads',
+              lambda: gpu.offset_grads(problem.x, grad_columns, grad_offset,
+                                       grad_mask, args),
+              nbytes(grad_columns, x, grad_offset) + geometry
+              + (nbytes(grad_mask) if with_mask else 0)),
+    ]
+    # The deterministic mode's: columns by image, sorted gather, products
+    # image by image summed in order.
+    grad_columns_by_image = xp.ascontiguousarray(
+        grad_columns.reshape(c * taps, n, h * w).transpose(1, 0, 2))
+    columns_by_image = xp.ascontiguousarray(
+        columns.reshape(c * taps, n, h * w).transpose(1, 0, 2))
+    gy_by_image = gy.reshape(n, 1, out_group, h * w)
+    entries = 4 * by_image.n_threads
+    products = xp.matmul(columns_by_image.reshape(n, 1, width, h * w),
+                         gy_by_image.transpose(0, 1, 3, 2))
+    grad_weight = xp.zeros(weight.shape, compute)
+    result += [
+        Stage('deterministic: gather_corners (entries, sort, gather)',
+              lambda: gpu.gather_corners(grad_columns_by_image, grad_x,
+                                         by_image),
+              nbytes(grad_columns, grad_x) + geometry
+              # entries written, sorted (keys and places) and read
+              + entries * (8 + compute.itemsize) * 2 + entries * 16 * 2),
+        Stage('deterministic: weight products by image',
+              lambda: xp.matmul(columns_by_image.reshape(n, 1, width, h * w),
+                                gy_by_image.transpose(0, 1, 3, 2)),
+              nbytes(columns, gy, products), flops),
+        Stage('deterministic: ordered_sum',
+              lambda: gpu._kernel(gpu.ORDERED_SUM)(
+                  products, n, products[0].size, grad_weight),
+              nbytes(products, grad_weight)),
+    ]
+    return result
+
+
+def copy_bandwidth(xp, synchronize, nbytes=2 ** 29):
+    """Bytes per second of a device-to-device copy (read + write)."""
+    a = xp.ones(nbytes // 4, numpy.float32)
+    b = xp.empty_like(a)
+    times = []
+    for _ in range(5):
+        synchronize()
+        start = time.perf_counter()
+        b[...] = a
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / min(times)
+
+
+def median_time(run, synchronize, repeats):
+    run()
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        run()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return float(numpy.median(times))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--gpu', type=int, default=-1)
+    parser.add_argument('--gpu-kernels-on-cpu', action='store_true',
+                        help='run the kernels emulated on the CPU (a check '
+                        'that the script works, not a measurement)')
+    parser.add_argument('--smoke', action='store_true',
+                        help='one tiny layer')
+    parser.add_argument('--repeats', type=int, default=11)
+    parser.add_argument('--dtypes', nargs='+', default=['float32', 'float16'],
+                        choices=['float16', 'float32', 'float64'])
+    args = parser.parse_args()
+    if (args.gpu < 0) == (not args.gpu_kernels_on_cpu):
+        parser.error('give one of --gpu N and --gpu-kernels-on-cpu')
+    context = contextlib.nullcontext()
+    if args.gpu >= 0:
+        import cupy
+        cupy.cuda.Device(args.gpu).use()
+        xp = cupy
+
+        def synchronize():
+            cupy.cuda.Device().synchronize()
+        device = cupy.cuda.runtime.getDeviceProperties(args.gpu)['name']
+        device = device.decode() if isinstance(device, bytes) else device
+    else:
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
+                                        'tests'))
+        import kernel_emulation
+        context = kernel_emulation.gpu_path_on_cpu()
+        xp = numpy
+
+        def synchronize():
+            pass
+        device = 'the CPU, kernels emulated'
+    layers = SMOKE_LAYERS if args.smoke else LAYERS
+    rng = numpy.random.RandomState(0)
+    with context:
+        bandwidth = copy_bandwidth(xp, synchronize,
+                                   2 ** 22 if args.smoke else 2 ** 29)
+        print('# kernels on {}; copy bandwidth {:.0f} GB/s (the floor\'s); '
+              '{} repeats, medians; chainer {}'.format(
+                  device, bandwidth / 1e9, args.repeats,
+                  chainer.__version__))
+        for dtype in args.dtypes:
+            for name, layer in layers.items():
+                print('\n## {}, {}: batch {}, {} channels, {}x{}, G={}{}'
+                      .format(name, dtype, layer[0], layer[1], layer[2],
+                              layer[3], layer[4],
+                              ', mask' if layer[5] else ''))
+                print('| stage | ms | MB moved | floor ms | x floor | '
+                      'TFLOP/s |')
+                print('|---|---|---|---|---|---|')
+                for stage in stages(xp, layer, numpy.dtype(dtype), rng):
+                    seconds = median_time(stage.run, synchronize,
+                                          args.repeats)
+                    floor = stage.nbytes / bandwidth
+                    rate = ('{:.1f}'.format(stage.flops / seconds / 1e12)
+                            if stage.flops else '')
+                    print('| {} | {:.3f} | {:.1f} | {:.3f} | {:.1f} | {} |'
+                          .format(stage.name, seconds * 1e3,
+                                  stage.nbytes / 1e6, floor * 1e3,
+                                  seconds / floor, rate))
+
+
+if __name__ == '__main__':
+    main()
