@@ -78,7 +78,7 @@ def stages(xp, layer, dtype, rng):
     grad_columns = weight[0].dot(gy_matrix[0])
     grad_x = xp.zeros(x.shape, compute)
     grad_offset = xp.empty(offset.shape, compute)
-    grad_mask = xp.empty(mask.shape if with_mask else (0,), compute)
+    grad_mask = xp.empty(mask.shape, compute) if with_mask else None
     geometry = nbytes(offset, mask)
     flops = 2 * c * width * P
     result = [
@@ -91,14 +91,19 @@ def stages(xp, layer, dtype, rng):
         Stage('column gradient product',
               lambda: weight[0].dot(gy_matrix[0]),
               nbytes(weight, gy, grad_columns), flops),
-        Stage('scatter_columns (atomicAdd)',
-              lambda: gpu.scatter_columns(grad_columns, grad_x, args),
+        Stage('column_grads: gx (atomicAdd)',
+              lambda: gpu.column_grads(problem.x, grad_columns, args,
+                                       grad_x),
               nbytes(grad_columns, grad_x) + geometry),
-        Stage('offset_grads',
-              lambda: gpu.offset_grads(problem.x, grad_columns, grad_offset,
-                                       grad_mask, args),
-              nbytes(grad_columns, x, grad_offset) + geometry
-              + (nbytes(grad_mask) if with_mask else 0)),
+        Stage('column_grads: offsets' + (' and mask' if with_mask else ''),
+              lambda: gpu.column_grads(problem.x, grad_columns, args, None,
+                                       grad_offset, grad_mask),
+              nbytes(grad_columns, x, grad_offset, grad_mask) + geometry),
+        Stage('column_grads: both at once',
+              lambda: gpu.column_grads(problem.x, grad_columns, args,
+                                       grad_x, grad_offset, grad_mask),
+              nbytes(grad_columns, x, grad_x, grad_offset, grad_mask)
+              + geometry),
     ]
     # The deterministic mode's: columns by image, sorted gather, products
     # image by image summed in order.

@@ -13,8 +13,8 @@ import kernel_emulation
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 STAGES = ['sample_columns', 'forward product', 'weight product',
-          'column gradient product', 'scatter_columns (atomicAdd)',
-          'offset_grads',
+          'column gradient product', 'column_grads: gx (atomicAdd)',
+          'column_grads: offsets and mask', 'column_grads: both at once',
           'deterministic: gather_corners (entries, sort, gather)',
           'deterministic: weight products by image',
           'deterministic: ordered_sum']

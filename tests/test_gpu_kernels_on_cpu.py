@@ -154,14 +154,14 @@ PLANTED_BUGS = {
     'dropped corner': (
         'PREAMBLE', 'q < 4', 'q < 3'),
     'offset gradient sign': (
-        'OFFSET_GRADS', 'grad_x = (1 - fy) * (s01 - s00)',
+        'COLUMN_GRADS', 'grad_x = (1 - fy) * (s01 - s00)',
         'grad_x = (1 - fy) * (s00 - s01)'),
     'NaN sample scattered': (
-        'SCATTER_COLUMNS', 'if (inside_y && inside_x)', 'if (true)'),
+        'COLUMN_GRADS', 'want_x && inside_y && inside_x', 'want_x'),
     'mask left out of the scatter': (
-        'SCATTER_COLUMNS', 'fy * fx * m}', 'fy * fx}'),
+        'COLUMN_GRADS', 'fy * fx * m}', 'fy * fx}'),
     'mask gradient of the wrong corner': (
-        'OFFSET_GRADS', '+ fy * (1 - fx) * s10', '+ fy * (1 - fx) * s11'),
+        'COLUMN_GRADS', '+ fy * (1 - fx) * s10', '+ fy * (1 - fx) * s11'),
     'wrong offset group': (
         'PREAMBLE', 'const ptrdiff_t n_group = n * G + group;',
         'const ptrdiff_t n_group = n * G;'),
@@ -224,6 +224,17 @@ class Test64BitIndices(unittest.TestCase):
             source.name, preamble=gpu.PREAMBLE)(
                 *(inputs + geometry + outputs), size=self.plane, **kwargs)
 
+    def scatter(self, gcol, gx, **kwargs):
+        # x is not read: any array will do.
+        unused = numpy.zeros(0, numpy.float32)
+        self.run_kernel(gpu.COLUMN_GRADS, gx.shape[1], (unused, gcol, 1, 0),
+                        (gx, unused, unused), **kwargs)
+
+    def offset_grads(self, x, gcol, goffset, **kwargs):
+        unused = numpy.zeros(0, numpy.float32)
+        self.run_kernel(gpu.COLUMN_GRADS, x.shape[1], (x, gcol, 0, 1),
+                        (unused, goffset, unused), **kwargs)
+
     def small_problem(self):
         """The last channel alone: (columns, gx, goffset)."""
         x = numpy.zeros((1, 1, self.h, self.w), numpy.float32)
@@ -233,10 +244,9 @@ class Test64BitIndices(unittest.TestCase):
         gcol = numpy.zeros_like(columns)
         gcol[0, -self.window:] = self.gcol
         gx = numpy.zeros_like(x)
-        self.run_kernel(gpu.SCATTER_COLUMNS, 1, (gcol,), (gx,))
+        self.scatter(gcol, gx)
         goffset = numpy.zeros_like(self.offset)
-        self.run_kernel(gpu.OFFSET_GRADS, 1, (x, gcol),
-                        (goffset, goffset[:0]))
+        self.offset_grads(x, gcol, goffset)
         return columns[0], gx[0, 0], goffset
 
     def test_indices_past_2_31(self):
@@ -252,13 +262,12 @@ class Test64BitIndices(unittest.TestCase):
 
         columns[-1, -window:] = self.gcol
         goffset = numpy.zeros_like(self.offset)
-        self.run_kernel(gpu.OFFSET_GRADS, c, (x, columns),
-                        (goffset, goffset[:0]), **last)
+        self.offset_grads(x, columns, goffset, **last)
         numpy.testing.assert_array_equal(goffset, goffset_1)
         del x
 
         gx = numpy.zeros((1, c, self.h, self.w), numpy.float32)
-        self.run_kernel(gpu.SCATTER_COLUMNS, c, (columns,), (gx,), **last)
+        self.scatter(columns, gx, **last)
         numpy.testing.assert_array_equal(gx[0, -1], gx_1)
 
     def test_index_types_in_source(self):

@@ -220,16 +220,22 @@ class TestDeterministicAgreesWithCpu(object):
 @pytest.mark.parametrize('double_backward', [False, True])
 def test_deterministic_mode_uses_no_atomics(double_backward, monkeypatch):
     inputs, gy = general_case()
-    used = set()
-    kernel = gpu._kernel
+    atomic = []
+    column_grads, kernel = gpu.column_grads, gpu._kernel
 
-    def recording(source):
-        used.add(source.name)
+    def recording_column_grads(*args):
+        if args[3] is not None:         # grad_x: added to with atomicAdd
+            atomic.append('column_grads to gx')
+        return column_grads(*args)
+
+    def recording_kernel(source):
+        if source is gpu.SCATTER_TAPS:
+            atomic.append(source.name)
         return kernel(source)
-    monkeypatch.setattr(gpu, '_kernel', recording)
-    atomic = {gpu.SCATTER_COLUMNS.name, gpu.SCATTER_TAPS.name}
+    monkeypatch.setattr(gpu, 'column_grads', recording_column_grads)
+    monkeypatch.setattr(gpu, '_kernel', recording_kernel)
     for deterministic in (False, True):
-        used.clear()
+        del atomic[:]
         with on('emulated') as device, warnings.catch_warnings(
                 record=True) as caught, chainer.using_config(
                     'cudnn_deterministic', deterministic), \
@@ -238,19 +244,23 @@ def test_deterministic_mode_uses_no_atomics(double_backward, monkeypatch):
             variables = [chainer.Variable(device.send(a)) for a in inputs]
             y = deformable.deformable_convolution_2d_sampler(
                 *variables[:4], mask=variables[4], **PARAMS)
-            gx, = chainer.grad([chainer.functions.sum(y * y)],
-                               [variables[0]],
-                               enable_double_backprop=double_backward)
+            grads = chainer.grad([chainer.functions.sum(y * y)],
+                                 variables[:2],
+                                 enable_double_backprop=double_backward)
             if double_backward:
-                chainer.functions.sum(gx * gx).backward()
+                # Through the taps' samples and their adjoint.
+                F = chainer.functions
+                F.sum(grads[0] * F.sum(grads[1][:, :1]) + grads[0]) \
+                    .backward()
         nondeterministic = [w for w in caught
                             if 'nondeterministic' in str(w.message).lower()
                             or 'atomic' in str(w.message).lower()]
         if deterministic:
-            assert not used & atomic, used
+            assert not atomic
             assert not nondeterministic
         else:
-            assert used & atomic
+            assert atomic
+            assert (gpu.SCATTER_TAPS.name in atomic) == double_backward
             assert nondeterministic
 
 
@@ -333,24 +343,27 @@ def test_float16_accuracy(path, deterministic):
 @needs_compiler
 def test_float16_columns_are_half_and_positions_float32(monkeypatch):
     inputs, gy, _ = half_case()
-    seen = []
-    for name in ('sample_columns', 'scatter_columns', 'offset_grads'):
-        function = getattr(gpu, name)
+    seen = {}
+    sample, column_grads = gpu.sample_columns, gpu.column_grads
 
-        def recording(*args, function=function, name=name):
-            kernel_args = args[-1]
-            seen.append((name, args[0].dtype, kernel_args.args[0].dtype))
-            return function(*args)
-        monkeypatch.setattr(gpu, name, recording)
+    def recording_sample(x, kernel_args):
+        columns = sample(x, kernel_args)
+        seen['columns'] = (columns.dtype, kernel_args.args[0].dtype)
+        return columns
+
+    def recording_column_grads(x, grad_columns, kernel_args, *grads):
+        # grad_columns is a product's result: of half operands.
+        seen['their gradient'] = (grad_columns.dtype,
+                                  kernel_args.args[0].dtype)
+        return column_grads(x, grad_columns, kernel_args, *grads)
+    monkeypatch.setattr(gpu, 'sample_columns', recording_sample)
+    monkeypatch.setattr(gpu, 'column_grads', recording_column_grads)
     with on('emulated') as device:
         run(device, inputs, gy, HALF_PARAMS)
-    assert {name for name, _, _ in seen} == {
-        'sample_columns', 'scatter_columns', 'offset_grads'}
+    # The columns and their gradient half, the offsets (positions) float32.
     half, single = numpy.dtype(numpy.float16), numpy.dtype(numpy.float32)
-    for name, values, positions in seen:
-        # sample_columns and offset_grads read x, scatter_columns the
-        # columns' gradient: half precision; the offsets are float32.
-        assert (values, positions) == (half, single), name
+    assert seen == {'columns': (half, single),
+                    'their gradient': (half, single)}
 
 
 @needs_compiler

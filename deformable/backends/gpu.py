@@ -179,51 +179,50 @@ SAMPLE_COLUMNS = KernelSource(
     }
     """)
 
-# The adjoint of SAMPLE_COLUMNS: each thread adds its column entries to
-# their four corners.
-SCATTER_COLUMNS = KernelSource(
-    'deformable_scatter_columns', 'raw T gcol', 'raw C gx', r"""
+# The adjoint of SAMPLE_COLUMNS and the gradients of the offsets and the
+# mask, from one read of the columns' gradient: each thread adds its entries
+# to their four corners (want_x) and sums over its group's channels each
+# entry times each corner's pixel (want_offset). Outputs not wanted are any
+# arrays of type C, never written.
+COLUMN_GRADS = KernelSource(
+    'deformable_column_grads',
+    'raw T x, raw T gcol, int32 want_x, int32 want_offset',
+    'raw C gx, raw C goffset, raw C gmask', r"""
     SAMPLE_POSITION(C)
     GROUP_CHANNELS
     // As on the CPU, samples with no corner in the image (NaN ones too)
-    // add nothing.
-    if (inside_y && inside_x) {
-        const C corner_weight[4] = {
-            (1 - fy) * (1 - fx) * m, (1 - fy) * fx * m,
-            fy * (1 - fx) * m, fy * fx * m};
-        for (ptrdiff_t ch = first_channel;
-             ch < first_channel + group_channels; ++ch) {
-            add_to_corners(&gx[(n * c_in + ch) * h * w], h, w, y0, x0,
-                           (C)gcol[COLUMN_AT(ch)], corner_weight);
-        }
-    }
-    """)
-
-# Each thread sums over its group's channels and writes both of its offset
-# gradients and, with a mask, the mask's gradient (the unmodulated sample).
-OFFSET_GRADS = KernelSource(
-    'deformable_offset_grads', 'raw T x, raw T gcol',
-    'raw C goffset, raw C gmask', r"""
-    SAMPLE_POSITION(C)
-    GROUP_CHANNELS
+    // add nothing to gx.
+    const bool scatter = want_x && inside_y && inside_x;
+    const C corner_weight[4] = {
+        (1 - fy) * (1 - fx) * m, (1 - fy) * fx * m,
+        fy * (1 - fx) * m, fy * fx * m};
     C s00 = 0, s01 = 0, s10 = 0, s11 = 0;
     for (ptrdiff_t ch = first_channel; ch < first_channel + group_channels;
          ++ch) {
-        const T* image = &x[(n * c_in + ch) * h * w];
         const C g = (C)gcol[COLUMN_AT(ch)];
-        s00 += g * pixel<C>(image, h, w, y0, x0);
-        s01 += g * pixel<C>(image, h, w, y0, x0 + 1);
-        s10 += g * pixel<C>(image, h, w, y0 + 1, x0);
-        s11 += g * pixel<C>(image, h, w, y0 + 1, x0 + 1);
+        if (scatter) {
+            add_to_corners(&gx[(n * c_in + ch) * h * w], h, w, y0, x0, g,
+                           corner_weight);
+        }
+        if (want_offset) {
+            const T* image = &x[(n * c_in + ch) * h * w];
+            s00 += g * pixel<C>(image, h, w, y0, x0);
+            s01 += g * pixel<C>(image, h, w, y0, x0 + 1);
+            s10 += g * pixel<C>(image, h, w, y0 + 1, x0);
+            s11 += g * pixel<C>(image, h, w, y0 + 1, x0 + 1);
+        }
     }
-    const C grad_y = (1 - fx) * (s10 - s00) + fx * (s11 - s01);
-    const C grad_x = (1 - fy) * (s01 - s00) + fy * (s11 - s10);
-    // Multiplying (not branching) keeps NaN from a NaN fraction.
-    goffset[off] = grad_x * (C)inside_x * m;
-    goffset[off + K * plane] = grad_y * (C)inside_y * m;
-    if (has_mask) {
-        gmask[mask_at] = (1 - fy) * (1 - fx) * s00 + (1 - fy) * fx * s01
-                         + fy * (1 - fx) * s10 + fy * fx * s11;
+    if (want_offset) {
+        const C grad_y = (1 - fx) * (s10 - s00) + fx * (s11 - s01);
+        const C grad_x = (1 - fy) * (s01 - s00) + fy * (s11 - s10);
+        // Multiplying (not branching) keeps NaN from a NaN fraction.
+        goffset[off] = grad_x * (C)inside_x * m;
+        goffset[off + K * plane] = grad_y * (C)inside_y * m;
+        if (has_mask) {
+            gmask[mask_at] = (1 - fy) * (1 - fx) * s00
+                             + (1 - fy) * fx * s01
+                             + fy * (1 - fx) * s10 + fy * fx * s11;
+        }
     }
     """)
 
@@ -330,17 +329,17 @@ class PlainKernelSource(KernelSource):
 
 
 # The deterministic weight gradient: adds the images' products, (count,
-# size), to the total in image order.
+# per_image), to the total in image order.
 ORDERED_SUM = PlainKernelSource(
-    'deformable_ordered_sum', 'raw T products, int64 count, int64 size',
-    'C total', r"""
+    'deformable_ordered_sum',
+    'raw T products, int64 count, int64 per_image', 'C total', r"""
     for (ptrdiff_t j = 0; j < count; ++j) {
-        total += (C)products[j * size + i];
+        total += (C)products[j * per_image + i];
     }
     """)
 
-KERNELS = (SAMPLE_COLUMNS, SCATTER_COLUMNS, OFFSET_GRADS, SAMPLE_TAPS,
-           SCATTER_TAPS, CORNER_ENTRIES, GATHER_CORNERS, ORDERED_SUM)
+KERNELS = (SAMPLE_COLUMNS, COLUMN_GRADS, SAMPLE_TAPS, SCATTER_TAPS,
+           CORNER_ENTRIES, GATHER_CORNERS, ORDERED_SUM)
 
 
 def _kernel(source):
@@ -437,11 +436,18 @@ def sample_columns(x, kernel_args):
     return columns
 
 
-def scatter_columns(grad_columns, grad_x, kernel_args):
-    """Adds the adjoint of :func:`sample_columns` to ``grad_x``, with
-    atomicAdd."""
-    _kernel(SCATTER_COLUMNS)(grad_columns, *kernel_args.args, grad_x,
-                             size=kernel_args.n_threads)
+def column_grads(x, grad_columns, kernel_args, grad_x=None,
+                 grad_offset=None, grad_mask=None):
+    """Adds the adjoint of :func:`sample_columns` to ``grad_x`` (with
+    atomicAdd) and writes the gradients of the offsets and the mask, those
+    of them given, in one kernel."""
+    unused = kernel_args.args[0][:0]
+    _kernel(COLUMN_GRADS)(
+        x, grad_columns, int(grad_x is not None),
+        int(grad_offset is not None), *kernel_args.args,
+        *(unused if a is None else a
+          for a in (grad_x, grad_offset, grad_mask)),
+        size=kernel_args.n_threads)
 
 
 def gather_corners(values, grad_x, kernel_args, order=(0, 0),
@@ -463,13 +469,6 @@ def gather_corners(values, grad_x, kernel_args, order=(0, 0),
     _kernel(GATHER_CORNERS)(values, entries, starts, weights,
                             int(taps_layout), *kernel_args.args, grad_x,
                             size=grad_x.size)
-
-
-def offset_grads(x, grad_columns, grad_offset, grad_mask, kernel_args):
-    """Writes the gradients w.r.t. the offsets and the mask (any array of
-    the compute dtype without one)."""
-    _kernel(OFFSET_GRADS)(x, grad_columns, *kernel_args.args, grad_offset,
-                          grad_mask, size=kernel_args.n_threads)
 
 
 def _grouped_matmul(a, b):
@@ -581,19 +580,18 @@ class GpuBackend(object):
             grad_columns = (cupy.matmul(problem.weight, gy_chunk)
                             if by_image else
                             _grouped_matmul(problem.weight, gy_chunk))
-            if 'x' in needed:
-                if by_image:
-                    gather_corners(grad_columns, grads['x'][images],
-                                   kernel_args)
-                else:
-                    scatter_columns(grad_columns, grads['x'][images],
-                                    kernel_args)
+            grad_x = grads['x'][images] if 'x' in needed else None
+            if by_image and grad_x is not None:
+                gather_corners(grad_columns, grad_x, kernel_args)
+                grad_x = None
+            grad_offset = grad_mask = None
             if needed & {'offset', 'mask'}:
-                grad_mask = grads['mask']
-                offset_grads(problem.x[images], grad_columns,
-                             grads['offset'][images],
-                             grads['offset'][:0] if grad_mask is None
-                             else grad_mask[images], kernel_args)
+                grad_offset = grads['offset'][images]
+                if grads['mask'] is not None:
+                    grad_mask = grads['mask'][images]
+            if grad_x is not None or grad_offset is not None:
+                column_grads(problem.x[images], grad_columns, kernel_args,
+                             grad_x, grad_offset, grad_mask)
         if 'W' in needed:
             grads['W'] = layout.weight_from_matrix(grads['W'], W.shape)
         return {name: grads[name].astype(x.dtype, copy=False)
