@@ -143,7 +143,7 @@ class TorchvisionStep(object):
     """
 
     def __init__(self, modules, arrays, params, synchronize):
-        torch, self.ops = modules
+        self.torch, self.ops = modules
         x, offset, W, b = arrays
         self.n_taps = W.shape[2] * W.shape[3]
         xp = chainer.backend.get_array_module(x)
@@ -152,12 +152,14 @@ class TorchvisionStep(object):
         inputs = [x, offset, W, b]
         if params.get('mask') is not None:
             inputs.append(params['mask'])
-        self.tensors = [torch.from_dlpack(a) for a in inputs]
+        self.tensors = [self.torch.from_dlpack(a) for a in inputs]
         self.arrays = arrays
         self.params = params
         self.synchronize = synchronize
 
-    def run(self, backward):
+    def run(self, backward, gy=None):
+        """Output and input tensors (their ``grad`` set with ``backward``);
+        the output's gradient is ``gy`` (an array), else the output."""
         tensors = [t.detach().requires_grad_(backward) for t in self.tensors]
         x, offset, W, b = tensors[:4]
         y = self.ops.deform_conv2d(
@@ -165,7 +167,8 @@ class TorchvisionStep(object):
             dilation=self.params.get('dilate', 1),
             mask=tensors[4] if len(tensors) == 5 else None)
         if backward:
-            y.backward(y.detach())
+            y.backward(y.detach() if gy is None else self.torch.from_dlpack(
+                gy))
         self.synchronize()
         return y, tensors
 
@@ -242,19 +245,26 @@ def keep_freed_memory():
 def median_times(steps, repeats):
     """Round-robin timing: each repeat runs every step once, in an order
     shuffled from round to round (a step's predecessor changes its time:
-    what it left in the caches, BLAS's threads)."""
+    what it left in the caches, BLAS's threads). A step with a ``prepare``
+    method has it called, untimed, before each call (e.g. the forward pass
+    of a timed backward)."""
+    def run(step):
+        prepare = getattr(step, 'prepare', None)
+        if prepare is not None:
+            prepare()
+        start = time.perf_counter()
+        step()
+        return time.perf_counter() - start
+
     for step in steps.values():
-        step()  # warm-up (kernel compilation, allocator)
+        run(step)  # warm-up (kernel compilation, allocator)
     times = {name: [] for name in steps}
     rng = random.Random(0)
     names = list(steps)
     for _ in range(repeats):
         rng.shuffle(names)
         for name in names:
-            step = steps[name]
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(run(steps[name]))
     return {name: float(numpy.median(t)) for name, t in times.items()}
 
 
