@@ -215,14 +215,29 @@ class Test64BitIndices(unittest.TestCase):
             -1.7, 0.6, (2, self.window))
         self.gcol = rng.uniform(-1, 1, self.window).astype(numpy.float32)
 
-    def run_kernel(self, source, c, inputs, outputs, **kwargs):
+    def run_kernel(self, source, c, inputs, outputs, size=None, **kwargs):
         # A 1x1 kernel, stride 1, no pad, no mask: one thread per sample.
         geometry = (self.offset, self.offset, 0, self.plane, c, self.h,
                     self.w, self.h, self.w, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0)
         kernel_emulation.elementwise(
             source.all_in_params, source.out_params, source.body,
             source.name, preamble=gpu.PREAMBLE)(
-                *(inputs + geometry + outputs), size=self.plane, **kwargs)
+                *(inputs + geometry + outputs), size=size or self.plane,
+                **kwargs)
+
+    def gather(self, gcol, gx, **kwargs):
+        """The deterministic adjoint: the corners' entries, their stable
+        sort by pixel, and one thread per pixel of gx."""
+        keys = numpy.empty(4 * self.plane, numpy.int64)
+        weights = numpy.empty(4 * self.plane, numpy.float32)
+        self.run_kernel(gpu.CORNER_ENTRIES, gx.shape[1], (0, 0),
+                        (keys, weights))
+        entries = numpy.argsort(keys, kind='stable')
+        starts = numpy.searchsorted(keys[entries],
+                                    numpy.arange(self.plane + 1))
+        self.run_kernel(gpu.GATHER_CORNERS, gx.shape[1],
+                        (gcol, entries, starts, weights, 0), (gx,),
+                        size=gx.size, **kwargs)
 
     def scatter(self, gcol, gx, **kwargs):
         # x is not read: any array will do.
@@ -245,12 +260,14 @@ class Test64BitIndices(unittest.TestCase):
         gcol[0, -self.window:] = self.gcol
         gx = numpy.zeros_like(x)
         self.scatter(gcol, gx)
+        gathered = numpy.zeros_like(x)
+        self.gather(gcol, gathered)
         goffset = numpy.zeros_like(self.offset)
         self.offset_grads(x, gcol, goffset)
-        return columns[0], gx[0, 0], goffset
+        return columns[0], gx[0, 0], gathered[0, 0], goffset
 
     def test_indices_past_2_31(self):
-        columns_1, gx_1, goffset_1 = self.small_problem()
+        columns_1, gx_1, gathered_1, goffset_1 = self.small_problem()
         c, plane, window = self.c, self.plane, self.window
         last = {'begin': plane - window}
         x = numpy.zeros((1, c, self.h, self.w), numpy.float32)
@@ -269,6 +286,14 @@ class Test64BitIndices(unittest.TestCase):
         gx = numpy.zeros((1, c, self.h, self.w), numpy.float32)
         self.scatter(columns, gx, **last)
         numpy.testing.assert_array_equal(gx[0, -1], gx_1)
+        del gx
+
+        # The gather, from the pixels of the last channel's last rows on
+        # (its window's samples land there).
+        gx = numpy.zeros((1, c, self.h, self.w), numpy.float32)
+        self.gather(columns, gx, begin=gx.size - (self.rows + 3) * self.w)
+        numpy.testing.assert_array_equal(gx[0, -1], gathered_1)
+        assert numpy.abs(gathered_1 - gx_1).max() <= 1e-6
 
     def test_index_types_in_source(self):
         # Every flat index that is a product of sizes is ptrdiff_t.
