@@ -45,6 +45,10 @@ PY
 compute-sanitizer --version 2>&1 | tail -1
 } 2>&1 | tee "$OUT/environment.txt"
 
+step 'every kernel compiled and launched by CuPy (gpu_checks/compile_with_cupy.py --index64)'
+timeout 60 $PY gpu_checks/compile_with_cupy.py 2>&1 | tail -3
+timeout 60 $PY gpu_checks/compile_with_cupy.py --index64 2>&1 | tail -3
+
 step 'pytest -m gpu'
 timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu -n 4 -rfEs \
     tests/test_sampler.py tests/test_sampler_general.py tests/test_links.py \
