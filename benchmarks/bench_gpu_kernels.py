@@ -99,6 +99,11 @@ def stages(xp, layer, dtype, rng):
               lambda: gpu.column_grads(problem.x, grad_columns, args, None,
                                        grad_offset, grad_mask),
               nbytes(grad_columns, x, grad_offset, grad_mask) + geometry),
+        Stage('gather_corners: gx without atomics (entries, sort, gather)',
+              lambda: gpu.gather_corners(grad_columns, grad_x, args),
+              nbytes(grad_columns, grad_x) + geometry
+              # entries written, sorted (keys and places) and read
+              + 4 * args.n_threads * (8 + compute.itemsize + 32)),
         Stage('column_grads: both at once',
               lambda: gpu.column_grads(problem.x, grad_columns, args,
                                        grad_x, grad_offset, grad_mask),
@@ -117,12 +122,11 @@ def stages(xp, layer, dtype, rng):
                          gy_by_image.transpose(0, 1, 3, 2))
     grad_weight = xp.zeros(weight.shape, compute)
     result += [
-        Stage('deterministic: gather_corners (entries, sort, gather)',
+        Stage('deterministic: gather_corners, columns by image',
               lambda: gpu.gather_corners(grad_columns_by_image, grad_x,
                                          by_image),
               nbytes(grad_columns, grad_x) + geometry
-              # entries written, sorted (keys and places) and read
-              + entries * (8 + compute.itemsize) * 2 + entries * 16 * 2),
+              + entries * (8 + compute.itemsize + 32)),
         Stage('deterministic: weight products by image',
               lambda: xp.matmul(columns_by_image.reshape(n, 1, width, h * w),
                                 gy_by_image.transpose(0, 1, 3, 2)),

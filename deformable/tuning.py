@@ -46,3 +46,11 @@ MAX_SCATTER_ROUNDS = 8
 # (its columns for 32 images of 128 channels at 28x28 take 115 MiB); to be
 # measured on a GPU.
 GPU_WORKSPACE_BYTES = 64 * 2 ** 20
+
+# The GPU's gradient of x in the default mode: False, atomicAdd onto each
+# sample's corners (COLUMN_GRADS); True, the deterministic mode's sorted
+# gather (GATHER_CORNERS), which makes no atomics at all. The scatter was
+# measured atomic-bound on an H200 (1.69 ms of a 3.25 ms backward, about 15
+# times its bandwidth floor); benchmarks/bench_gpu_kernels.py times both,
+# to be decided on a GPU.
+GPU_GATHER_GRAD_X = False

@@ -91,6 +91,11 @@ step "benchmarks/bench_gpu_layers.py --gpu $GPU: ResNet-like layers against torc
 timeout 150 $PY benchmarks/bench_gpu_layers.py --gpu $GPU 2>&1 \
     | tee "$OUT/bench-gpu-layers.md" | tail -15
 
+step "benchmarks/bench_gpu_layers.py --gpu $GPU --workspace 4 GiB --dtypes float32: columns kept for the backward"
+timeout 100 $PY benchmarks/bench_gpu_layers.py --gpu $GPU --dtypes float32 \
+    --workspace $((4 * 2**30)) 2>&1 \
+    | tee "$OUT/bench-gpu-layers-workspace4g.md" | tail -15
+
 step "benchmarks/bench_gpu_kernels.py --gpu $GPU: each kernel and its bandwidth floor"
 timeout 60 $PY benchmarks/bench_gpu_kernels.py --gpu $GPU --repeats 7 2>&1 \
     | tee "$OUT/bench-gpu-kernels.md" | tail -14

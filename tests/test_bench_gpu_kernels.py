@@ -14,8 +14,10 @@ import kernel_emulation
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 STAGES = ['sample_columns', 'forward product', 'weight product',
           'column gradient product', 'column_grads: gx (atomicAdd)',
-          'column_grads: offsets and mask', 'column_grads: both at once',
-          'deterministic: gather_corners (entries, sort, gather)',
+          'column_grads: offsets and mask',
+          'gather_corners: gx without atomics (entries, sort, gather)',
+          'column_grads: both at once',
+          'deterministic: gather_corners, columns by image',
           'deterministic: weight products by image',
           'deterministic: ordered_sum']
 

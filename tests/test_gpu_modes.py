@@ -217,6 +217,29 @@ class TestDeterministicAgreesWithCpu(object):
 
 
 @needs_compiler
+@pytest.mark.parametrize('dtype', [numpy.float64, numpy.float16])
+def test_default_mode_can_gather_too(dtype, monkeypatch):
+    # tuning.GPU_GATHER_GRAD_X: the gather in the default mode, with the
+    # columns as they are there (not by image).
+    from deformable import tuning
+    monkeypatch.setattr(tuning, 'GPU_GATHER_GRAD_X', True)
+    inputs, gy = general_case(dtype)
+    rtol = 1e-12 if dtype == numpy.float64 else 2e-3
+    problems = helpers.gpu_path_disagreements(inputs, gy, rtol, **PARAMS)
+    assert not problems, problems
+    column_grads = gpu.column_grads
+    scattered = []
+
+    def recording(*args):
+        scattered.append(args[3] is not None)
+        return column_grads(*args)
+    monkeypatch.setattr(gpu, 'column_grads', recording)
+    with on('emulated') as device:
+        run(device, inputs, gy)
+    assert scattered and not any(scattered)
+
+
+@needs_compiler
 @pytest.mark.parametrize('double_backward', [False, True])
 def test_deterministic_mode_uses_no_atomics(double_backward, monkeypatch):
     inputs, gy = general_case()

@@ -43,6 +43,7 @@ from chainer.backends import cuda
 from chainer import utils
 
 from deformable import geometry
+from deformable import tuning
 from deformable.backends import layout
 
 
@@ -538,9 +539,10 @@ class GpuBackend(object):
         grads = {}
         if 'W' in needed:
             grads['W'] = cupy.zeros(problem.weight.shape, compute)
+        gather = by_image or tuning.GPU_GATHER_GRAD_X
         if 'x' in needed:
             grads['x'] = cupy.zeros(x.shape, compute)
-            if not by_image:
+            if not gather:
                 utils.nondeterministic('atomicAdd')
         if needed & {'offset', 'mask'}:
             grads['offset'] = cupy.empty(offset.shape, compute)
@@ -581,7 +583,7 @@ class GpuBackend(object):
                             if by_image else
                             _grouped_matmul(problem.weight, gy_chunk))
             grad_x = grads['x'][images] if 'x' in needed else None
-            if by_image and grad_x is not None:
+            if gather and grad_x is not None:
                 gather_corners(grad_columns, grad_x, kernel_args)
                 grad_x = None
             grad_offset = grad_mask = None
