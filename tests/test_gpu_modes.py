@@ -401,3 +401,25 @@ def test_positions_in_half_would_miss_the_bounds(monkeypatch):
     errors = half_errors(results, expected)
     assert errors.pop('y') > 1e-2
     assert max(errors.values()) > 1e-2, errors
+
+
+@pytest.mark.gpu
+def test_deterministic_bits_on_a_large_layer(monkeypatch):
+    # Products with long sums (4096 samples an image), where cuBLAS may
+    # split them: the same bits for 1, 2 or 3 images a chunk.
+    rng = numpy.random.RandomState(5)
+    inputs = helpers.make_general_inputs(
+        rng, 3, 32, 32, 64, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, True,
+        spread=3, dtype=numpy.float32)
+    gy = rng.uniform(-1, 1, (3, 32, 64, 64)).astype(numpy.float32)
+    results = []
+    for images in (3, 1, 2, 3):
+        monkeypatch.setattr(gpu, 'chunks', lambda n, _, images=images: [
+            slice(i, min(i + images, n)) for i in range(0, n, images)])
+        with on('gpu') as device:
+            results.append(run(device, inputs, gy, {'pad': 1},
+                               cudnn_deterministic=True))
+    for other in results[1:]:
+        for name in results[0]:
+            numpy.testing.assert_array_equal(other[name], results[0][name],
+                                             name)
