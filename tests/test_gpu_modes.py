@@ -403,10 +403,11 @@ def test_positions_in_half_would_miss_the_bounds(monkeypatch):
     assert max(errors.values()) > 1e-2, errors
 
 
-@pytest.mark.gpu
-def test_deterministic_bits_on_a_large_layer(monkeypatch):
-    # Products with long sums (4096 samples an image), where cuBLAS may
-    # split them: the same bits for 1, 2 or 3 images a chunk.
+@pytest.mark.parametrize('path', PATHS)
+def test_deterministic_bits_on_a_large_layer(path, monkeypatch):
+    # Products with long sums (4096 samples an image), where BLAS may split
+    # or block them by the chunk's size: the output and the gradients are
+    # the same bits for 1, 2 or 3 images a chunk.
     rng = numpy.random.RandomState(5)
     inputs = helpers.make_general_inputs(
         rng, 3, 32, 32, 64, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, True,
@@ -416,7 +417,7 @@ def test_deterministic_bits_on_a_large_layer(monkeypatch):
     for images in (3, 1, 2, 3):
         monkeypatch.setattr(gpu, 'chunks', lambda n, _, images=images: [
             slice(i, min(i + images, n)) for i in range(0, n, images)])
-        with on('gpu') as device:
+        with on(path) as device:
             results.append(run(device, inputs, gy, {'pad': 1},
                                cudnn_deterministic=True))
     for other in results[1:]:

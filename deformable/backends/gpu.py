@@ -29,8 +29,9 @@ buffers fit in ``chainer.config.deformable_workspace_size`` bytes.
 backward uses no floating-point atomics: each input pixel gathers its
 corners' contributions in a fixed order (a stable sort of the corners by
 pixel), and the weight gradient sums the images' products in image order.
-The columns are then stored image by image (``by_image``), so that every
-product has the shape of one image whatever the chunk.
+The columns are then stored image by image (``by_image``), forward and
+backward, so that every product has the shape of one image whatever the
+chunk: the output and the gradients are the same bits for any workspace.
 """
 
 import collections
@@ -494,12 +495,20 @@ class GpuBackend(object):
                             x.dtype)
         # Kept where the backward's gradient columns fit beside them; the
         # deterministic backward makes its own, image by image.
-        keep = (not deterministic()
+        by_image = deterministic()
+        keep = (not by_image
                 and 2 * n * problem.column_bytes <= workspace_size())
         kept = None
         for images in chunks(n, problem.column_bytes):
-            kernel_args = problem.args(images)
+            kernel_args = problem.args(images, by_image)
             columns = sample_columns(problem.x[images], kernel_args)
+            if by_image:
+                # Each image's product has one shape whatever the chunk.
+                y[images] = cuda.cupy.matmul(
+                    problem.weight.transpose(0, 2, 1), columns.reshape(
+                        -1, groups, width, problem.plane)).reshape(
+                            y[images].shape)
+                continue
             y_chunk = _grouped_matmul(
                 problem.weight.transpose(0, 2, 1),
                 columns.reshape(groups, width, kernel_args.n_samples))
