@@ -127,6 +127,11 @@ def stages(xp, layer, dtype, rng):
                                          by_image),
               nbytes(grad_columns, grad_x) + geometry
               + entries * (8 + compute.itemsize + 32)),
+        Stage('deterministic: forward products by image',
+              lambda: xp.matmul(weight.transpose(0, 2, 1),
+                                columns_by_image.reshape(n, 1, width,
+                                                         h * w)),
+              nbytes(weight, columns, gy), flops),
         Stage('deterministic: weight products by image',
               lambda: xp.matmul(columns_by_image.reshape(n, 1, width, h * w),
                                 gy_by_image.transpose(0, 1, 3, 2)),

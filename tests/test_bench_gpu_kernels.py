@@ -18,6 +18,7 @@ STAGES = ['sample_columns', 'forward product', 'weight product',
           'gather_corners: gx without atomics (entries, sort, gather)',
           'column_grads: both at once',
           'deterministic: gather_corners, columns by image',
+          'deterministic: forward products by image',
           'deterministic: weight products by image',
           'deterministic: ordered_sum']
 
