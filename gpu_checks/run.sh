@@ -84,6 +84,9 @@ step "benchmarks/bench_sampler.py --gpu $GPU"
   timeout 110 $PY benchmarks/bench_sampler.py --gpu $GPU --repeats 7
   timeout 60 $PY benchmarks/bench_sampler.py --gpu $GPU --mode train \
       --double-backprop 0.01 --repeats 7
+  echo '# the same with DEFORMABLE_WORKSPACE_SIZE=4 GiB (one chunk, columns kept)'
+  DEFORMABLE_WORKSPACE_SIZE=$((4 * 2**30)) timeout 60 $PY \
+      benchmarks/bench_sampler.py --gpu $GPU --mode train --repeats 7
   timeout 60 $PY benchmarks/bench_sampler.py --gpu $GPU --mode features --repeats 7
 } 2>&1 | tee "$OUT/bench-gpu.md"
 
