@@ -267,8 +267,8 @@ def deformable_convolution_2d_sampler(x, offset, W, b=None, stride=1, pad=0,
     ``chainer.config.warn_nondeterministic`` is set), unless
     ``chainer.config.cudnn_deterministic`` is set: then the GPU's backward
     uses no atomics, and the output and the gradients are the same bit for
-    bit from run to run and for any workspace size. The CPU path is always deterministic.
-    The gradients are differentiable again, to any order
+    bit from run to run and for any workspace size. The CPU path is always
+    deterministic. The gradients are differentiable again, to any order
     (``deformable.second_order``), with the same forward-difference rule.
 
     **float16.** On the GPU the columns and the matrix products are half

@@ -271,11 +271,24 @@ def planted(constant, old, new):
     return mock.patch.object(gpu, constant, text)
 
 
+class _CupyOnNumpy(object):
+    """NumPy standing in for CuPy, with CuPy's semantics where the two
+    differ: its sorts are always stable."""
+
+    def __getattr__(self, name):
+        return getattr(numpy, name)
+
+    @staticmethod
+    def argsort(a, axis=-1):
+        return numpy.argsort(a, axis=axis, kind='stable')
+
+
 @contextlib.contextmanager
 def gpu_path_on_cpu():
     """Runs the op's GPU code (kernels emulated, NumPy for CuPy) for NumPy
     inputs, everywhere Chainer would call ``forward_cpu``."""
-    fake_cuda = types.SimpleNamespace(cupy=numpy, elementwise=elementwise)
+    fake_cuda = types.SimpleNamespace(cupy=_CupyOnNumpy(),
+                                      elementwise=elementwise)
     nodes = (functions.DeformableConvolution2DFunction,
              functions.DeformableConvolution2DGradFunction,
              second_order.SampleTaps, second_order.ScatterTaps)

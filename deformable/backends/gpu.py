@@ -464,8 +464,8 @@ def gather_corners(values, grad_x, kernel_args, order=(0, 0),
     weights = cupy.empty(n_entries, grad_x.dtype)
     _kernel(CORNER_ENTRIES)(order[0], order[1], *kernel_args.args, keys,
                             weights, size=kernel_args.n_threads)
-    # Stable: a pixel's entries keep the order of their samples.
-    entries = cupy.argsort(keys, kind='stable')
+    # CuPy's sort is stable: a pixel's entries keep their samples' order.
+    entries = cupy.argsort(keys)
     starts = cupy.searchsorted(keys[entries],
                                cupy.arange(kernel_args.n_keys + 1))
     _kernel(GATHER_CORNERS)(values, entries, starts, weights,
