@@ -13,6 +13,9 @@ one (``gpu``).
 """
 
 import contextlib
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy
@@ -184,12 +187,10 @@ def test_bad_workspace_is_named(size):
 
 def test_workspace_size_from_the_environment():
     # The default comes from DEFORMABLE_WORKSPACE_SIZE where it is set.
-    import subprocess
-    import sys
     code = ('import chainer, deformable.backends; '
             'print(chainer.config.deformable_workspace_size)')
     for value, expected in [('12345', '12345'), ('', str(64 * 2 ** 20))]:
-        env = dict(__import__('os').environ, DEFORMABLE_WORKSPACE_SIZE=value)
+        env = dict(os.environ, DEFORMABLE_WORKSPACE_SIZE=value)
         out = subprocess.run([sys.executable, '-c', code], env=env,
                              stdout=subprocess.PIPE, check=True,
                              universal_newlines=True).stdout
