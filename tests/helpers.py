@@ -329,15 +329,13 @@ def run_op(inputs, gy, **params):
     return results
 
 
-def gpu_path_disagreements(inputs, gy, rtol, **params):
-    """Where the GPU path on the CPU differs from the NumPy path.
+def disagreements(actual, expected, rtol):
+    """Where two sets of results (dicts of arrays by name) differ.
 
-    NaN must appear exactly where the NumPy path puts it; elsewhere the
-    largest difference, relative to the largest value, is at most rtol.
+    NaN must appear exactly where ``expected`` has it; elsewhere the
+    largest difference, relative to the largest expected value, is at most
+    rtol.
     """
-    expected = run_op(inputs, gy, **params)
-    with kernel_emulation.gpu_path_on_cpu():
-        actual = run_op(inputs, gy, **params)
     problems = []
     for name, e in expected.items():
         a = actual[name]
@@ -359,3 +357,12 @@ def gpu_path_disagreements(inputs, gy, rtol, **params):
         if error > rtol:
             problems.append('{}: relative error {:.2e}'.format(name, error))
     return problems
+
+
+def gpu_path_disagreements(inputs, gy, rtol, **params):
+    """Where the GPU path on the CPU differs from the NumPy path
+    (:func:`disagreements`)."""
+    expected = run_op(inputs, gy, **params)
+    with kernel_emulation.gpu_path_on_cpu():
+        actual = run_op(inputs, gy, **params)
+    return disagreements(actual, expected, rtol)
