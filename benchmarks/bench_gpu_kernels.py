@@ -25,6 +25,8 @@ import numpy
 import chainer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_sampler  # NOQA
 from deformable import arguments  # NOQA
 from deformable.backends import gpu  # NOQA
 
@@ -158,18 +160,6 @@ def copy_bandwidth(xp, synchronize, nbytes=2 ** 29):
     return 2 * nbytes / min(times)
 
 
-def median_time(run, synchronize, repeats):
-    run()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        run()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return float(numpy.median(times))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--gpu', type=int, default=-1)
@@ -186,14 +176,7 @@ def main():
         parser.error('give one of --gpu N and --gpu-kernels-on-cpu')
     context = contextlib.nullcontext()
     if args.gpu >= 0:
-        import cupy
-        cupy.cuda.Device(args.gpu).use()
-        xp = cupy
-
-        def synchronize():
-            cupy.cuda.Device().synchronize()
-        device = cupy.cuda.runtime.getDeviceProperties(args.gpu)['name']
-        device = device.decode() if isinstance(device, bytes) else device
+        xp, synchronize, device = bench_sampler.open_gpu(args.gpu)
     else:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
                                         'tests'))
@@ -223,8 +206,11 @@ def main():
                       'TFLOP/s |')
                 print('|---|---|---|---|---|---|')
                 for stage in stages(xp, layer, numpy.dtype(dtype), rng):
-                    seconds = median_time(stage.run, synchronize,
-                                          args.repeats)
+                    def step(run=stage.run):
+                        run()
+                        synchronize()
+                    seconds = bench_sampler.median_times(
+                        {stage.name: step}, args.repeats)[stage.name]
                     floor = stage.nbytes / bandwidth
                     rate = ('{:.1f}'.format(stage.flops / seconds / 1e12)
                             if stage.flops else '')

@@ -307,11 +307,7 @@ class Device(object):
         self.gpu = gpu
         self.torch = torch
         if gpu >= 0:
-            import cupy
-            cupy.cuda.Device(gpu).use()
-            self.xp = cupy
-            name = cupy.cuda.runtime.getDeviceProperties(gpu)['name']
-            self.name = name.decode() if isinstance(name, bytes) else name
+            self.xp, _, self.name = bench_sampler.open_gpu(gpu)
         else:
             self.xp = numpy
             self.name = '{} CPU cores, {}'.format(

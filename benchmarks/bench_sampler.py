@@ -242,6 +242,19 @@ def keep_freed_memory():
                 and mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
+def open_gpu(gpu):
+    """``(cupy, synchronize, name)`` for GPU ``gpu``, made current;
+    ImportError or CUDARuntimeError where there is none."""
+    import cupy
+    cupy.cuda.Device(gpu).use()
+
+    def synchronize():
+        cupy.cuda.Device().synchronize()
+    name = cupy.cuda.runtime.getDeviceProperties(gpu)['name']
+    return cupy, synchronize, (name.decode() if isinstance(name, bytes)
+                               else name)
+
+
 def median_times(steps, repeats):
     """Round-robin timing: each repeat runs every step once, in an order
     shuffled from round to round (a step's predecessor changes its time:
@@ -547,17 +560,10 @@ def main():
 
     if args.gpu >= 0:
         try:
-            import cupy
-            cupy.cuda.Device(args.gpu).use()
+            xp, synchronize, device = open_gpu(args.gpu)
         except Exception as e:  # ImportError, CUDARuntimeError
             parser.error('--gpu {} needs CuPy and a CUDA GPU: {}'.format(
                 args.gpu, e))
-        xp = cupy
-
-        def synchronize():
-            cupy.cuda.Device().synchronize()
-        device = cupy.cuda.runtime.getDeviceProperties(args.gpu)['name']
-        device = device.decode() if isinstance(device, bytes) else device
     else:
         xp = numpy
 
