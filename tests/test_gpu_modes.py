@@ -120,8 +120,11 @@ def test_any_chunking_gives_the_same_results(path, deterministic):
 
 
 @needs_compiler
-@pytest.mark.parametrize('deterministic', [False, True])
-def test_chunks_bound_the_buffers(deterministic, monkeypatch):
+@pytest.mark.parametrize('deterministic,gather', [
+    (False, False), (False, True), (True, False)])
+def test_chunks_bound_the_buffers(deterministic, gather, monkeypatch):
+    from deformable import tuning
+    monkeypatch.setattr(tuning, 'GPU_GATHER_GRAD_X', gather)
     inputs, gy = general_case(n=5)
     one = image_bytes(inputs)
     workspace = 4 * one
@@ -138,12 +141,13 @@ def test_chunks_bound_the_buffers(deterministic, monkeypatch):
                       cudnn_deterministic=deterministic)
     # The forward's chunks hold columns only: four images at a time.
     assert chunks[:2] == [(4, 4 * one), (1, one)]
-    # The backward's, columns and their gradients (and more in the
-    # deterministic mode): at most half the workspace of columns each.
+    # The backward's, columns and their gradients (and the gather's
+    # entries, the deterministic mode's products): at most half the
+    # workspace of columns each.
     backward = chunks[2:]
     assert sum(images for images, _ in backward) == 5
     assert max(size for _, size in backward) <= workspace / 2
-    most = 1 if deterministic else 2
+    most = 1 if deterministic or gather else 2
     assert max(images for images, _ in backward) == most
     with on('emulated') as device:
         whole = run(device, inputs, gy, cudnn_deterministic=deterministic)

@@ -416,10 +416,14 @@ class Problem(object):
         self.weight = layout.weight_matrix(W, hyperparameters.groups,
                                            x.dtype)
         self.ksize = W.shape[2:]
-        _, c, _, _ = x.shape
+        n_taps = self.ksize[0] * self.ksize[1]
+        self.n_groups = offset.shape[1] // (2 * n_taps)
         self.plane = offset.shape[2] * offset.shape[3]
-        self.column_bytes = (c * self.ksize[0] * self.ksize[1] * self.plane
+        self.column_bytes = (x.shape[1] * n_taps * self.plane
                              * x.dtype.itemsize)
+        # The gather's key, weight, sorted key and place of each sample's
+        # four corners, an image's.
+        self.entry_bytes = 4 * self.n_groups * n_taps * self.plane * 32
 
     def args(self, images, by_image=False):
         """Kernel arguments for the images of the slice ``images``."""
@@ -521,18 +525,16 @@ class GpuBackend(object):
             y += b.astype(x.dtype, copy=False)[:, None, None]
         return y, kept
 
-    def _chunk_bytes(self, problem, needed, n_groups):
-        """Bytes of one image's buffers in the backward."""
-        if not deterministic():
-            return 2 * problem.column_bytes      # columns and gradients
-        groups, width, out_group = problem.weight.shape
-        itemsize = problem.x.dtype.itemsize
-        products = groups * width * out_group * itemsize if 'W' in needed \
-            else 0
-        # Key, weight, sorted key and place of each sample's corners.
-        n_taps = problem.ksize[0] * problem.ksize[1]
-        entries = 4 * n_groups * n_taps * problem.plane * 32
-        return 2 * problem.column_bytes + products + entries
+    def _chunk_bytes(self, problem, needed, gather):
+        """Bytes of one image's buffers in the backward: the columns and
+        their gradient, the gather's entries and the deterministic mode's
+        products."""
+        size = 2 * problem.column_bytes
+        if gather:
+            size += problem.entry_bytes
+        if deterministic() and 'W' in needed:
+            size += problem.weight.size * problem.x.dtype.itemsize
+        return size
 
     def backward(self, hyperparameters, x, offset, W, gy, mask, kept,
                  needed):
@@ -557,10 +559,7 @@ class GpuBackend(object):
             grads['offset'] = cupy.empty(offset.shape, compute)
             grads['mask'] = (cupy.empty(mask.shape, compute)
                              if mask is not None else None)
-        n_groups = offset.shape[1] // (2 * problem.ksize[0]
-                                       * problem.ksize[1])
-        for images in chunks(n, self._chunk_bytes(problem, needed,
-                                                  n_groups)):
+        for images in chunks(n, self._chunk_bytes(problem, needed, gather)):
             kernel_args = problem.args(images, by_image)
             count = images.stop - images.start
             if by_image:
