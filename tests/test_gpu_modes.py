@@ -172,6 +172,20 @@ def test_columns_are_kept_only_where_they_fit(monkeypatch):
             del calls[:]
             run(device, inputs, gy, deformable_workspace_size=size)
             assert calls == expected, size
+    # With the gather the backward needs room for its entries too: the
+    # columns that would fit beside their gradient alone are not kept.
+    from deformable import arguments
+    from deformable import tuning
+    x, offset, W, b, mask = inputs
+    hyperparameters = arguments.Hyperparameters.checked(
+        PARAMS['stride'], PARAMS['pad'], PARAMS['dilate'], PARAMS['groups'])
+    for gather, kept in [(False, True), (True, False)]:
+        monkeypatch.setattr(tuning, 'GPU_GATHER_GRAD_X', gather)
+        with on('emulated'), chainer.using_config(
+                'deformable_workspace_size', everything):
+            _, columns = gpu.BACKEND.forward(hyperparameters, x, offset, W,
+                                             b, mask)
+        assert (columns is not None) == kept, gather
 
 
 @pytest.mark.parametrize('size', [0, -5, 1.5, '64', True, None])

@@ -490,18 +490,19 @@ class GpuBackend(object):
     name = 'cupy'
 
     def forward(self, hyperparameters, x, offset, W, b, mask):
-        """Output and, where they fit in half the workspace, the columns,
-        kept for the backward."""
+        """Output and, where the backward takes the whole batch at once,
+        the columns, kept for it."""
         problem = Problem(hyperparameters, x, offset, W, mask)
         groups, width, out_group = problem.weight.shape
         n = x.shape[0]
         y = cuda.cupy.empty((n, groups * out_group) + offset.shape[2:],
                             x.dtype)
-        # Kept where the backward's gradient columns fit beside them; the
+        # Kept where the backward takes the whole batch in one chunk; the
         # deterministic backward makes its own, image by image.
         by_image = deterministic()
-        keep = (not by_image
-                and 2 * n * problem.column_bytes <= workspace_size())
+        keep = not by_image and n * self._chunk_bytes(
+            problem, frozenset(), tuning.GPU_GATHER_GRAD_X) <= \
+            workspace_size()
         kept = None
         for images in chunks(n, problem.column_bytes):
             kernel_args = problem.args(images, by_image)
