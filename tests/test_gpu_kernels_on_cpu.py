@@ -159,9 +159,10 @@ PLANTED_BUGS = {
     'NaN sample scattered': (
         'COLUMN_GRADS', 'want_x && inside_y && inside_x', 'want_x'),
     'mask left out of the scatter': (
-        'COLUMN_GRADS', 'fy * fx * m}', 'fy * fx}'),
+        'COLUMN_GRADS', 'modulated[q] = weight[q] * m',
+        'modulated[q] = weight[q]'),
     'mask gradient of the wrong corner': (
-        'COLUMN_GRADS', '+ fy * (1 - fx) * s10', '+ fy * (1 - fx) * s11'),
+        'COLUMN_GRADS', '+ weight[2] * s10', '+ weight[2] * s11'),
     'wrong offset group': (
         'PREAMBLE', 'const ptrdiff_t n_group = n * G + group;',
         'const ptrdiff_t n_group = n * G;'),

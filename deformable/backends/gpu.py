@@ -195,16 +195,17 @@ COLUMN_GRADS = KernelSource(
     // As on the CPU, samples with no corner in the image (NaN ones too)
     // add nothing to gx.
     const bool scatter = want_x && inside_y && inside_x;
-    const C corner_weight[4] = {
-        (1 - fy) * (1 - fx) * m, (1 - fy) * fx * m,
-        fy * (1 - fx) * m, fy * fx * m};
+    // Each corner's bilinear weight, and modulated: what it adds to gx.
+    C weight[4], modulated[4];
+    corner_weights(fy, fx, inside_y, inside_x, 0, 0, weight);
+    for (int q = 0; q < 4; ++q) modulated[q] = weight[q] * m;
     C s00 = 0, s01 = 0, s10 = 0, s11 = 0;
     for (ptrdiff_t ch = first_channel; ch < first_channel + group_channels;
          ++ch) {
         const C g = (C)gcol[COLUMN_AT(ch)];
         if (scatter) {
             add_to_corners(&gx[(n * c_in + ch) * h * w], h, w, y0, x0, g,
-                           corner_weight);
+                           modulated);
         }
         if (want_offset) {
             const T* image = &x[(n * c_in + ch) * h * w];
@@ -221,9 +222,8 @@ COLUMN_GRADS = KernelSource(
         goffset[off] = grad_x * (C)inside_x * m;
         goffset[off + K * plane] = grad_y * (C)inside_y * m;
         if (has_mask) {
-            gmask[mask_at] = (1 - fy) * (1 - fx) * s00
-                             + (1 - fy) * fx * s01
-                             + fy * (1 - fx) * s10 + fy * fx * s11;
+            gmask[mask_at] = weight[0] * s00 + weight[1] * s01
+                             + weight[2] * s10 + weight[3] * s11;
         }
     }
     """)
