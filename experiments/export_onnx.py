@@ -18,8 +18,6 @@ import sys
 
 import numpy
 
-from snapshots import load_model
-from snapshots import SnapshotError
 import snapshots
 
 
@@ -38,8 +36,8 @@ def parse_args(argv=None):
         parser.error('--opset must be at least 19 (the first with '
                      'DeformConv), got {}'.format(args.opset))
     try:
-        args.model = load_model(args.resume, args.deformable)
-    except SnapshotError as e:
+        args.model = snapshots.load_model(args.resume, args.deformable)
+    except snapshots.SnapshotError as e:
         parser.error(str(e))
     return args
 

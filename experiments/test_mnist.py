@@ -35,8 +35,6 @@ from deformable.geometry import tap_grid
 import mnist_data
 from models import kind_of
 import scaled_mnist
-from snapshots import load_model
-from snapshots import SnapshotError
 import snapshots
 import writable
 
@@ -260,10 +258,10 @@ def parse_args(argv=None):
             args.out += '.png'  # what savefig would write; say that name
         _refuse_unwritable(args.out, '--out')  # before loading anything
     try:
-        args.models = [load_model(args.resume, args.deformable)]
+        args.models = [snapshots.load_model(args.resume, args.deformable)]
         if args.compare is not None:
-            args.models.append(load_model(args.compare))
-    except SnapshotError as e:
+            args.models.append(snapshots.load_model(args.compare))
+    except snapshots.SnapshotError as e:
         parser.error(str(e))
     if args.out is None:
         args.out = args.resume + '_vis.png'
