@@ -307,15 +307,12 @@ class Device(object):
         self.gpu = gpu
         self.torch = torch
         if gpu >= 0:
-            self.xp, _, self.name = bench_sampler.open_gpu(gpu)
+            self.xp, self.synchronize, self.name = bench_sampler.open_gpu(gpu)
         else:
             self.xp = numpy
+            self.synchronize = lambda: None
             self.name = '{} CPU cores, {}'.format(
                 os.cpu_count(), platform.processor() or 'x86_64')
-
-    def synchronize(self):
-        if self.gpu >= 0:
-            self.xp.cuda.Device().synchronize()
 
     def peak_ours(self, step):
         """Peak bytes of one call beyond those in use before it. On the

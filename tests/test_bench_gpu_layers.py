@@ -245,10 +245,6 @@ class FakeCupy(object):
         fake = self
 
         class cuda(object):
-            class Device(object):
-                def synchronize(self):
-                    pass
-
             @staticmethod
             @contextlib.contextmanager
             def using_allocator(allocator):
@@ -264,6 +260,7 @@ class FakeCupy(object):
 def test_gpu_peak_is_the_most_in_use_after_any_allocation():
     device = bench_gpu_layers.Device.__new__(bench_gpu_layers.Device)
     device.gpu, device.xp = 0, FakeCupy()
+    device.synchronize = lambda: None
 
     def step():
         malloc = device.xp.allocator
