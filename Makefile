@@ -70,10 +70,9 @@ bench: venv
 gpu-kit: venv
 	bash gpu_checks/build_kit.sh
 
-# The exported convnets in ONNX Runtime (>= 1.32, in .venv-ort/ from Python
-# >= 3.11) against Chainer (README, "Export to ONNX"; needs MNIST).
-# ONNX Runtime against Chainer on the committed convnets, into
-# results/onnx/verify.txt (left as it was if a check fails).
+# The committed convnets, exported, in ONNX Runtime (>= 1.32, in .venv-ort/
+# from Python >= 3.11) against Chainer (README, "Export to ONNX"; needs
+# MNIST), into results/onnx/verify.txt (left as it was if a check fails).
 verify-onnx: venv
 	PYTHON=$(BIN)/python sh tools/verify_onnx_runtime.sh \
 		> results/onnx/verify.txt.new || { cat results/onnx/verify.txt.new; \

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Forward and backward on the GPU with offsets far outside the image.
 
-DCNv1 cases and general ones (dilation, groups, offset groups, a mask).
+DCNv1 cases and general ones (dilation, groups, offset groups, a mask),
+each in three modes: the default, the deterministic backward and a
+workspace of one image per chunk.
 
-Each in three modes: the default, the deterministic backward and a
-workspace of one image per chunk. Run under ``compute-sanitizer --tool
-memcheck``: offsets of +-1e30, +-inf,
+Run under ``compute-sanitizer --tool memcheck``: offsets of +-1e30, +-inf,
 NaN, a few image sizes away and exactly on the clamping limits push every
 kernel's corner arithmetic to its edges. CuPy's memory pool is switched off
 so that every array is its own allocation and an access past any array's
