@@ -302,10 +302,10 @@ def forward_backward(function, inputs, gy, stride, pad):
 
 def relative_error(actual, expected):
     """The largest difference relative to the largest ``expected`` value;
-    ``actual`` may be on the GPU."""
+    ``actual`` may be on the GPU; 0 for empty arrays."""
     actual = backend.CpuDevice().send(actual)
-    return (numpy.abs(actual - expected).max()
-            / max(numpy.abs(expected).max(), 1e-300))
+    return (numpy.abs(actual - expected).max(initial=0)
+            / max(numpy.abs(expected).max(initial=0), 1e-300))
 
 
 INPUTS = ('x', 'offset', 'W', 'b', 'mask')
@@ -352,8 +352,7 @@ def disagreements(actual, expected, rtol):
         if not numpy.isfinite(a).all():
             problems.append('{}: infinite values'.format(name))
             continue
-        scale = max(numpy.abs(e).max(initial=0), 1e-300)
-        error = numpy.abs(a - e).max(initial=0) / scale
+        error = relative_error(a, e)
         if error > rtol:
             problems.append('{}: relative error {:.2e}'.format(name, error))
     return problems
