@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks of this project, in one run on a GPU machine (see
 # results/gpu/README.md): the GPU tests (second derivatives, chunks,
-# float16 and the deterministic mode included), compute-sanitizer on
-# extreme offsets (in each mode), one epoch of each convnet (DCNv1,
-# regular, DCNv2), a short double-backprop run, and the benchmarks: the
-# op, the ResNet-like layers against torchvision and cuDNN, and each
-# kernel against its bandwidth floor. Needs
-# Chainer and ChainerCV's Python files importable, e.g. the GPU kit in
-# .devkit/ (Chainer, ChainerCV, a NumPy-2 shim and MNIST; built by `make
-# gpu-kit`). Writes its summaries to $OUT (default results/gpu); each step
-# has its own time limit so that one hang cannot eat the others' time.
+# float16 and the deterministic mode included), the deterministic mode's
+# bits at the benchmark's sizes, compute-sanitizer on extreme offsets (in
+# each mode), one epoch of each convnet (DCNv1, regular, DCNv2), a short
+# double-backprop run, and the benchmarks: the op, the ResNet-like layers
+# against torchvision and cuDNN, and each kernel against its bandwidth
+# floor. Needs Chainer and ChainerCV's Python files importable, e.g. the
+# GPU kit in .devkit/ (Chainer, ChainerCV, a NumPy-2 shim and MNIST; built
+# by `make gpu-kit`). Writes its summaries to $OUT (default results/gpu);
+# each step has its own time limit so that one hang cannot eat the others'
+# time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -54,6 +55,10 @@ timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu -n 4 -rfEs \
     tests/test_sampler.py tests/test_sampler_general.py tests/test_links.py \
     tests/test_double_backward.py tests/test_gpu_modes.py \
     2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25
+
+step 'deterministic mode at the benchmark sizes: the same bits across runs and chunk sizes (gpu_checks/deterministic_bits.py)'
+timeout 90 $PY gpu_checks/deterministic_bits.py --gpu $GPU 2>&1 \
+    | tee "$OUT/deterministic-bits.md" | tail -3
 
 step 'compute-sanitizer memcheck: extreme offsets'
 timeout 100 compute-sanitizer --tool memcheck --error-exitcode 3 \

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import warnings
+from unittest import mock
 
 import numpy
 import pytest
@@ -328,6 +329,46 @@ def test_planted_bugs_are_caught(bug):
         with kernel_emulation.planted(*PLANTED_BUGS[bug]):
             assert helpers.gpu_path_disagreements(inputs, gy, 1e-12,
                                                   **PARAMS)
+
+
+def deterministic_bits_table(capsys, monkeypatch, *planted):
+    """gpu_checks/deterministic_bits.py --smoke through the emulation: its
+    exit status and its rows, each a dict by column."""
+    monkeypatch.syspath_prepend(os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), '..', 'gpu_checks'))
+    import deterministic_bits
+    with kernel_emulation.gpu_path_on_cpu(), contextlib.ExitStack() as s:
+        for target, name, value in planted:
+            s.enter_context(mock.patch.object(target, name, value))
+        status = deterministic_bits.main(
+            ['--smoke', '--gpu', '-1', '--layers', 'cls-c5', 'det-c3'])
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith('| ')]
+    header = [c.strip() for c in lines[0].strip('|').split('|')]
+    return status, [dict(zip(header, (c.strip() for c in
+                                      line.strip('|').split('|'))))
+                    for line in lines[1:]]
+
+
+@needs_compiler
+def test_deterministic_bits_check(capsys, monkeypatch):
+    status, rows = deterministic_bits_table(capsys, monkeypatch)
+    assert status == 0
+    # 2 layers x 2 variants x 2 dtypes x 2 modes x 3 workspaces.
+    assert len(rows) == 48
+    gradients = ('x', 'offset', 'W', 'b', 'mask')
+    for row in rows:
+        if row['mode'] == 'deterministic':
+            assert {row[n] for n in gradients} <= {'same', '-'}, row
+        if row['workspace'] == '1 image a chunk':
+            assert row['backward chunks'] == '2 of 1', row
+    # The default mode's sums follow the chunks: the check sees that.
+    assert any(row['W'] != 'same' for row in rows
+               if row['mode'] == 'default')
+    # And it fails where the deterministic mode is not.
+    status, rows = deterministic_bits_table(
+        capsys, monkeypatch, (gpu, 'deterministic', lambda: False))
+    assert status == 1
 
 
 # --- float16 ---------------------------------------------------------------

@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""The deterministic mode's promise at the benchmark's sizes: the same
+gradients, bit for bit, across runs and across chunk sizes.
+
+``tests/test_gpu_modes.py`` checks it on small shapes. cuBLAS chooses its
+algorithms by shape, and the deterministic mode's products are batched
+over the images of a chunk, so this runs the layers of
+``benchmarks/bench_gpu_layers.py`` again at workspaces that put one image,
+the default's share and the whole batch in a chunk, and compares every
+result with the first run's. The default mode (atomicAdd) is shown beside
+it for contrast. Exit status 1 where a deterministic gradient differs.
+
+    python gpu_checks/deterministic_bits.py --gpu 0
+    python gpu_checks/deterministic_bits.py --smoke --gpu -1   # tiny, CPU
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+
+import numpy
+
+import chainer
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+import bench_gpu_layers  # NOQA
+import bench_sampler  # NOQA
+from deformable.backends import gpu  # NOQA
+
+# (label, workspace bytes or None for the default)
+WORKSPACES = [('default, again', None), ('1 image a chunk', 1),
+              ('4 GiB', 4 * 2 ** 30)]
+VARIANTS = [(False, 1), (True, 4)]
+NAMES = ('y', 'x', 'offset', 'W', 'b', 'mask')
+
+
+def difference(array, reference):
+    """``same`` where the two are the same bits (NaN where NaN), else the
+    largest difference relative to the reference's largest magnitude."""
+    xp = chainer.backend.get_array_module(reference)
+    if array.dtype == reference.dtype and bool(xp.all(
+            (array == reference) | (xp.isnan(array) & xp.isnan(reference)))):
+        return 'same'
+    array, reference = (a.astype(numpy.float64) for a in (array, reference))
+    scale = float(xp.abs(reference).max()) or 1.0
+    return '{:.1e}'.format(float(xp.abs(array - reference).max()) / scale)
+
+
+class ChunkRecorder(object):
+    """Wraps ``gpu.chunks`` to note the images per chunk of the last call
+    (the backward's)."""
+
+    def __init__(self):
+        self.chunks = gpu.chunks
+        self.last = []
+
+    def __call__(self, n_images, bytes_per_image):
+        self.last = self.chunks(n_images, bytes_per_image)
+        return self.last
+
+    def describe(self):
+        sizes = [s.stop - s.start for s in self.last]
+        if not sizes:
+            return '-'
+        return ' + '.join('{} of {}'.format(sizes.count(size), size)
+                          for size in sorted(set(sizes), reverse=True))
+
+
+def results(step, gy, workspace):
+    """Output and gradients of one forward + backward, by name."""
+    context = contextlib.nullcontext() if workspace is None else \
+        chainer.using_config('deformable_workspace_size', workspace)
+    with context:
+        y, variables = step.run(True, gy)
+    found = {'y': y.array}
+    found.update((name, v.grad) for name, v in zip(NAMES[1:], variables))
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--gpu', type=int, default=0,
+                        help='GPU id (default 0); -1 for the CPU')
+    parser.add_argument('--layers', nargs='+',
+                        choices=list(bench_gpu_layers.LAYERS),
+                        default=list(bench_gpu_layers.LAYERS))
+    parser.add_argument('--dtypes', nargs='+',
+                        choices=bench_gpu_layers.DTYPES,
+                        default=list(bench_gpu_layers.DTYPES))
+    parser.add_argument('--smoke', action='store_true',
+                        help="bench_gpu_layers.py's tiny shapes")
+    args = parser.parse_args(argv)
+    if args.gpu >= 0:
+        xp, synchronize, name = bench_sampler.open_gpu(args.gpu)
+    else:
+        xp, synchronize, name = numpy, (lambda: None), 'CPU'
+    recorder = ChunkRecorder()
+    gpu.chunks = recorder
+    print('# deterministic_bits{}: {}; default workspace {} bytes'.format(
+        ' --smoke' if args.smoke else '', name,
+        chainer.config.deformable_workspace_size))
+    print('\n| layer | dtype | mode | workspace | backward chunks | '
+          + ' | '.join(NAMES) + ' |')
+    print('|' + '---|' * (5 + len(NAMES)))
+    differing = []
+    try:
+        for config in bench_gpu_layers.make_configs(args.layers, args.smoke):
+            if (config.mask, config.n_groups) not in VARIANTS:
+                continue
+            arrays, params, gy = bench_gpu_layers.make_inputs(
+                config, numpy.float32, xp)
+            for dtype in args.dtypes:
+                inputs = bench_gpu_layers.cast_inputs(arrays, params, gy,
+                                                      dtype)
+                for deterministic in (True, False):
+                    step = bench_gpu_layers.OursStep(
+                        inputs[0], inputs[1], synchronize, deterministic)
+                    first = results(step, inputs[2], None)
+                    for label, workspace in WORKSPACES:
+                        other = results(step, inputs[2], workspace)
+                        cells = [difference(other[n], first[n])
+                                 if n in first else '-' for n in NAMES]
+                        mode = 'deterministic' if deterministic else \
+                            'default'
+                        print('| {} | {} | {} | {} | {} | {} |'.format(
+                            bench_gpu_layers.config_label(config), dtype,
+                            mode, label, recorder.describe(),
+                            ' | '.join(cells)))
+                        if deterministic and any(
+                                cell not in ('same', '-')
+                                for cell in cells[1:]):
+                            differing.append((config, dtype, label))
+    finally:
+        gpu.chunks = recorder.chunks
+    print('\nDeterministic gradients that differ from the first run: {}'
+          .format(len(differing) or 'none'))
+    return 1 if differing else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
