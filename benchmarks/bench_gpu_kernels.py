@@ -55,7 +55,8 @@ def nbytes(*arrays):
 
 def stages(xp, layer, dtype, rng):
     """The forward's and backward's stages on one layer, each on arrays
-    made beforehand (so each stage runs alone)."""
+    made beforehand (so each stage runs alone), and the deterministic
+    mode's images per block there."""
     n, c, h, w, n_groups, with_mask = layer
     taps = 9
     x = xp.asarray(rng.uniform(-1, 1, (n, c, h, w)), dtype)
@@ -67,14 +68,12 @@ def stages(xp, layer, dtype, rng):
     gy = xp.asarray(rng.uniform(-1, 1, (n, c, h, w)), dtype)
     hyperparameters = arguments.Hyperparameters.checked(1, 1, 1, 1)
     problem = gpu.Problem(hyperparameters, x, offset, W, mask)
-    everything = slice(0, n)
-    args = problem.args(everything)
-    by_image = problem.args(everything, by_image=True)
+    args = problem.args(slice(0, n))
     compute = problem.compute_dtype
-    columns = gpu.sample_columns(problem.x, args)
     weight = problem.weight
     _, width, out_group = weight.shape
     P = args.n_samples
+    columns = gpu.sample_columns(problem.x, args).reshape(width, P)
     gy_matrix = xp.ascontiguousarray(gy.transpose(1, 0, 2, 3)).reshape(
         1, out_group, P)
     grad_columns = weight[0].dot(gy_matrix[0])
@@ -112,38 +111,38 @@ def stages(xp, layer, dtype, rng):
               nbytes(grad_columns, x, grad_x, grad_offset, grad_mask)
               + geometry),
     ]
-    # The deterministic mode's: columns by image, sorted gather, products
-    # image by image summed in order.
-    grad_columns_by_image = xp.ascontiguousarray(
-        grad_columns.reshape(c * taps, n, h * w).transpose(1, 0, 2))
-    columns_by_image = xp.ascontiguousarray(
-        columns.reshape(c * taps, n, h * w).transpose(1, 0, 2))
-    gy_by_image = gy.reshape(n, 1, out_group, h * w)
-    entries = 4 * by_image.n_threads
-    products = xp.matmul(columns_by_image.reshape(n, 1, width, h * w),
-                         gy_by_image.transpose(0, 1, 3, 2))
-    grad_weight = xp.zeros(weight.shape, compute)
+    # The deterministic mode's products: block by block (of images set by
+    # the layer), the weight's gradient added in order.
+    plane = h * w
+    block_images = problem.deterministic_block_images(n)
+    spans = [slice(first * plane, min(first + block_images, n) * plane)
+             for first in range(0, n, block_images)]
+    column_blocks = [xp.ascontiguousarray(columns[:, s]) for s in spans]
+    gy_blocks = [xp.ascontiguousarray(gy_matrix[0][:, s]) for s in spans]
+    grad_blocks = [xp.empty_like(b) for b in column_blocks]
+    grad_weight = xp.zeros(weight[0].shape, compute)
+
+    def weight_products():
+        grad_weight[...] = 0
+        for columns_block, gy_block in zip(column_blocks, gy_blocks):
+            grad_weight[...] += columns_block.dot(gy_block.T)
+
+    def column_gradient_products():
+        for gy_block, grad_block in zip(gy_blocks, grad_blocks):
+            weight[0].dot(gy_block, grad_block)
     result += [
-        Stage('deterministic: gather_corners, columns by image',
-              lambda: gpu.gather_corners(grad_columns_by_image, grad_x,
-                                         by_image),
-              nbytes(grad_columns, grad_x) + geometry
-              + entries * (8 + compute.itemsize + 32)),
-        Stage('deterministic: forward products by image',
-              lambda: xp.matmul(weight.transpose(0, 2, 1),
-                                columns_by_image.reshape(n, 1, width,
-                                                         h * w)),
+        Stage('deterministic: forward products by block',
+              lambda: [weight[0].T.dot(b) for b in column_blocks],
               nbytes(weight, columns, gy), flops),
-        Stage('deterministic: weight products by image',
-              lambda: xp.matmul(columns_by_image.reshape(n, 1, width, h * w),
-                                gy_by_image.transpose(0, 1, 3, 2)),
-              nbytes(columns, gy, products), flops),
-        Stage('deterministic: ordered_sum',
-              lambda: gpu._kernel(gpu.ORDERED_SUM)(
-                  products, n, products[0].size, grad_weight),
-              nbytes(products, grad_weight)),
+        Stage('deterministic: weight products by block, added in order',
+              weight_products,
+              nbytes(columns, gy) + 3 * len(spans) * grad_weight.nbytes,
+              flops),
+        Stage('deterministic: column gradient products by block',
+              column_gradient_products,
+              nbytes(weight, gy, grad_columns), flops),
     ]
-    return result
+    return result, block_images
 
 
 def copy_bandwidth(xp, synchronize, nbytes=2 ** 29):
@@ -198,14 +197,17 @@ def main():
                   chainer.__version__))
         for dtype in args.dtypes:
             for name, layer in layers.items():
-                print('\n## {}, {}: batch {}, {} channels, {}x{}, G={}{}'
-                      .format(name, dtype, layer[0], layer[1], layer[2],
-                              layer[3], layer[4],
-                              ', mask' if layer[5] else ''))
+                layer_stages, block_images = stages(
+                    xp, layer, numpy.dtype(dtype), rng)
+                print('\n## {}, {}: batch {}, {} channels, {}x{}, G={}{}; '
+                      'deterministic blocks of {} images'.format(
+                          name, dtype, layer[0], layer[1], layer[2],
+                          layer[3], layer[4], ', mask' if layer[5] else '',
+                          block_images))
                 print('| stage | ms | MB moved | floor ms | x floor | '
                       'TFLOP/s |')
                 print('|---|---|---|---|---|---|')
-                for stage in stages(xp, layer, numpy.dtype(dtype), rng):
+                for stage in layer_stages:
                     def step(run=stage.run):
                         run()
                         synchronize()

@@ -54,3 +54,10 @@ GPU_WORKSPACE_BYTES = 64 * 2 ** 20
 # times its bandwidth floor); benchmarks/bench_gpu_kernels.py times both,
 # to be decided on a GPU.
 GPU_GATHER_GRAD_X = False
+
+# The GPU's deterministic mode makes its products in blocks of as many
+# images as its backward's buffers fit in these bytes: a number set by the
+# layer, never by the workspace, so that the products have the same shapes
+# (and sums) in any chunk. 64 MiB, the default workspace, gives the default
+# mode's chunks; to be measured on a GPU.
+GPU_DETERMINISTIC_BLOCK_BYTES = 64 * 2 ** 20

@@ -88,29 +88,28 @@ def call_sites(gpu, T, C, make, n, c, h, w, kh, kw, G, groups, out_group):
     type, ``C`` where it has the compute type."""
     K = kh * kw
     out_h, out_w = h, w                       # stride 1, pad 1, dilate 1
-    plane = out_h * out_w
-    width = c // groups * K
     hyper = ((1, 1), (1, 1), (1, 1), groups)
     x = make((n, c, h, w), T)
     offset = make((n, 2 * G * K, out_h, out_w), C)
     mask = make((n, G * K, out_h, out_w), C)
     default = gpu.KernelArgs(x.shape, offset, mask, (kh, kw), hyper)
-    by_image = gpu.KernelArgs(x.shape, offset, mask, (kh, kw), hyper,
-                              by_image=True)
+    # The deterministic mode's: blocks of an image.
+    blocks = gpu.KernelArgs(x.shape, offset, mask, (kh, kw), hyper,
+                            block_images=1)
     # sample_taps / scatter_taps: no mask, one group.
     taps = gpu.KernelArgs(x.shape, offset, None, (kh, kw),
                           hyper[:3] + (1,))
     taps_note = 'gpu.py passes T = C here (the compute type)'
-    entries = 4 * by_image.n_threads
+    entries = 4 * blocks.n_threads
     return {
-        # sample_columns: x, the columns (c * K, P).
+        # sample_columns: x, the columns' blocks (flat).
         'deformable_sample_columns': Call(
-            (x,) + default.args + (make(default.columns_shape, T),),
+            (x,) + default.args + (make((default.columns_size,), T),),
             default.n_threads, None),
         # column_grads, x and the offsets and mask wanted: the column
-        # gradient as _grouped_matmul gives it, (groups, width, P).
+        # gradient, laid out as the columns.
         'deformable_column_grads': Call(
-            (x, make((groups, width, n * plane), T), 1, 1) + default.args
+            (x, make((default.columns_size,), T), 1, 1) + default.args
             + (make(x.shape, C), make(offset.shape, C),
                make(mask.shape, C)),
             default.n_threads, None),
@@ -125,24 +124,17 @@ def call_sites(gpu, T, C, make, n, c, h, w, kh, kw, G, groups, out_group):
             taps.n_threads, taps_note),
         # gather_corners (deterministic backward): keys and weights.
         'deformable_corner_entries': Call(
-            (0, 0) + by_image.args
+            (0, 0) + blocks.args
             + (make((entries,), numpy.int64), make((entries,), C)),
-            by_image.n_threads, 'no T parameter'),
-        # gather_corners: the column gradient image by image, (n, groups,
-        # width, plane), argsort's and searchsorted's int64 arrays.
+            blocks.n_threads, 'no T parameter'),
+        # gather_corners: the column gradient in blocks, argsort's and
+        # searchsorted's int64 arrays.
         'deformable_gather_corners': Call(
-            (make((n, groups, width, plane), T),
+            (make((blocks.columns_size,), T),
              make((entries,), numpy.int64),
-             make((by_image.n_keys + 1,), numpy.int64),
-             make((entries,), C), 0) + by_image.args + (make(x.shape, C),),
+             make((blocks.n_keys + 1,), numpy.int64),
+             make((entries,), C), 0) + blocks.args + (make(x.shape, C),),
             n * c * h * w, None),
-        # The deterministic weight gradient: the products (n, groups,
-        # width, out_group), the total over them (no size: CuPy's loop).
-        'deformable_ordered_sum': Call(
-            (make((n, groups, width, out_group), T), n,
-             groups * width * out_group,
-             make((groups, width, out_group), C)),
-            None, None),
     }
 
 

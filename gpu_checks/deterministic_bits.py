@@ -2,13 +2,14 @@
 """The deterministic mode's promise at the benchmark's sizes: the same
 gradients, bit for bit, across runs and across chunk sizes.
 
-``tests/test_gpu_modes.py`` checks it on small shapes. cuBLAS chooses its
-algorithms by shape, and the deterministic mode's products are batched
-over the images of a chunk, so this runs the layers of
-``benchmarks/bench_gpu_layers.py`` again at workspaces that put one image,
-the default's share and the whole batch in a chunk, and compares every
-result with the first run's. The default mode (atomicAdd) is shown beside
-it for contrast. Exit status 1 where a deterministic gradient differs.
+``tests/test_gpu_modes.py`` checks it on small shapes. The deterministic
+mode makes its products in blocks of images set by the layer, so that
+cuBLAS, which chooses its algorithms by shape, sees the same products in
+any chunk; this runs the layers of ``benchmarks/bench_gpu_layers.py`` at
+workspaces that put one block, the default's share and the whole batch in
+a chunk, and compares every result with the first run's. The default mode
+(atomicAdd) is shown beside it for contrast. Exit status 1 where a
+deterministic gradient differs.
 
     python gpu_checks/deterministic_bits.py --gpu 0
     python gpu_checks/deterministic_bits.py --smoke --gpu -1   # tiny, CPU
@@ -31,7 +32,7 @@ import bench_sampler  # NOQA
 from deformable.backends import gpu  # NOQA
 
 # (label, workspace bytes or None for the default)
-WORKSPACES = [('default, again', None), ('1 image a chunk', 1),
+WORKSPACES = [('default, again', None), ('1 byte', 1),
               ('4 GiB', 4 * 2 ** 30)]
 VARIANTS = [(False, 1), (True, 4)]
 NAMES = ('y', 'x', 'offset', 'W', 'b', 'mask')
@@ -51,22 +52,29 @@ def difference(array, reference):
 
 class ChunkRecorder(object):
     """Wraps ``gpu.chunks`` to note the images per chunk of the last call
-    (the backward's)."""
+    (the backward's) and per block."""
 
     def __init__(self):
         self.chunks = gpu.chunks
         self.last = []
+        self.block_images = None
 
-    def __call__(self, n_images, bytes_per_image):
-        self.last = self.chunks(n_images, bytes_per_image)
+    def __call__(self, n_images, bytes_per_image, block_images=None):
+        self.last = self.chunks(n_images, bytes_per_image, block_images)
+        self.block_images = block_images
         return self.last
 
     def describe(self):
+        """``3 of 8 + 1 of 4 (blocks of 4)``: three chunks of 8 images
+        and one of 4, in the deterministic mode's blocks of 4."""
         sizes = [s.stop - s.start for s in self.last]
         if not sizes:
             return '-'
+        blocks = ('' if self.block_images is None else
+                  ' (blocks of {})'.format(self.block_images))
         return ' + '.join('{} of {}'.format(sizes.count(size), size)
-                          for size in sorted(set(sizes), reverse=True))
+                          for size in sorted(set(sizes), reverse=True)) \
+            + blocks
 
 
 def results(step, gy, workspace):

@@ -17,10 +17,9 @@ STAGES = ['sample_columns', 'forward product', 'weight product',
           'column_grads: offsets and mask',
           'gather_corners: gx without atomics (entries, sort, gather)',
           'column_grads: both at once',
-          'deterministic: gather_corners, columns by image',
-          'deterministic: forward products by image',
-          'deterministic: weight products by image',
-          'deterministic: ordered_sum']
+          'deterministic: forward products by block',
+          'deterministic: weight products by block, added in order',
+          'deterministic: column gradient products by block']
 
 
 @pytest.mark.skipif(not kernel_emulation.compiler_available(),

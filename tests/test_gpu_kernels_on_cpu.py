@@ -217,9 +217,11 @@ class Test64BitIndices(unittest.TestCase):
         self.gcol = rng.uniform(-1, 1, self.window).astype(numpy.float32)
 
     def run_kernel(self, source, c, inputs, outputs, size=None, **kwargs):
-        # A 1x1 kernel, stride 1, no pad, no mask: one thread per sample.
+        # A 1x1 kernel, stride 1, no pad, no mask: one thread per sample,
+        # the columns one block.
         geometry = (self.offset, self.offset, 0, self.plane, c, self.h,
-                    self.w, self.h, self.w, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0)
+                    self.w, self.h, self.w, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1,
+                    self.plane)
         kernel_emulation.elementwise(
             source.all_in_params, source.out_params, source.body,
             source.name, preamble=gpu.PREAMBLE)(

@@ -98,11 +98,22 @@ def image_bytes(inputs, itemsize=8):
             * offset.shape[3] * itemsize)
 
 
+def blocks_of(images, monkeypatch):
+    """The deterministic mode's blocks of ``images`` images, whatever the
+    layer."""
+    monkeypatch.setattr(gpu.Problem, 'deterministic_block_images',
+                        lambda self, n: min(n, images))
+
+
 # --- Chunks ----------------------------------------------------------------
 
 @pytest.mark.parametrize('path', PATHS)
 @pytest.mark.parametrize('deterministic', [False, True])
-def test_any_chunking_gives_the_same_results(path, deterministic):
+def test_any_chunking_gives_the_same_results(path, deterministic,
+                                             monkeypatch):
+    # Blocks of 2 images: 5 images in chunks of one block (2, 2, 1), of
+    # two (4, 1) and of all.
+    blocks_of(2, monkeypatch)
     inputs, gy = general_case(n=5)
     one = image_bytes(inputs)
     with on(path) as device:
@@ -126,6 +137,7 @@ def test_any_chunking_gives_the_same_results(path, deterministic):
 def test_chunks_bound_the_buffers(deterministic, gather, monkeypatch):
     from deformable import tuning
     monkeypatch.setattr(tuning, 'GPU_GATHER_GRAD_X', gather)
+    blocks_of(1, monkeypatch)
     inputs, gy = general_case(n=5)
     one = image_bytes(inputs)
     workspace = 4 * one
@@ -140,14 +152,16 @@ def test_chunks_bound_the_buffers(deterministic, gather, monkeypatch):
     with on('emulated') as device:
         results = run(device, inputs, gy, deformable_workspace_size=workspace,
                       cudnn_deterministic=deterministic)
-    # The forward's chunks hold columns only: four images at a time.
-    assert chunks[:2] == [(4, 4 * one), (1, one)]
+    # The forward's chunks hold columns only: four images at a time (the
+    # deterministic mode's blocks each padded to BLOCK_ALIGNMENT entries).
+    padding = gpu.BLOCK_ALIGNMENT * 8 if deterministic else 0
+    assert [images for images, _ in chunks[:2]] == [4, 1]
+    assert 4 * one <= chunks[0][1] <= 4 * (one + padding)
     # The backward's, columns and their gradients (and the gather's
-    # entries, the deterministic mode's products): at most half the
-    # workspace of columns each.
+    # entries): at most half the workspace of columns each.
     backward = chunks[2:]
     assert sum(images for images, _ in backward) == 5
-    assert max(size for _, size in backward) <= workspace / 2
+    assert max(size for _, size in backward) <= workspace / 2 + padding
     most = 1 if deterministic or gather else 2
     assert max(images for images, _ in backward) == most
     with on('emulated') as device:
@@ -180,13 +194,82 @@ def test_columns_are_kept_only_where_they_fit(monkeypatch):
     x, offset, W, b, mask = inputs
     hyperparameters = arguments.Hyperparameters.checked(
         PARAMS['stride'], PARAMS['pad'], PARAMS['dilate'], PARAMS['groups'])
-    for gather, kept in [(False, True), (True, False)]:
+    # The gather's entries: 32 bytes for each corner of each sample.
+    entries = 4 * offset.size // 2 * 32
+    for gather, deterministic, size, kept in [
+            (False, False, everything, True), (True, False, everything, False),
+            (False, True, everything, False),
+            (False, True, everything + entries, True)]:
         monkeypatch.setattr(tuning, 'GPU_GATHER_GRAD_X', gather)
         with on('emulated'), chainer.using_config(
-                'deformable_workspace_size', everything):
+                'deformable_workspace_size', size), chainer.using_config(
+                    'cudnn_deterministic', deterministic):
             _, columns = gpu.BACKEND.forward(hyperparameters, x, offset, W,
                                              b, mask)
-        assert (columns is not None) == kept, gather
+        assert (columns is not None) == kept, (gather, deterministic, size)
+
+
+@needs_compiler
+@pytest.mark.parametrize('forward_deterministic', [False, True])
+def test_columns_kept_in_one_mode_serve_only_it(forward_deterministic,
+                                                monkeypatch):
+    # The modes lay out the columns differently (one block, blocks of an
+    # image here): a backward in the other mode makes its own.
+    blocks_of(1, monkeypatch)
+    inputs, gy = general_case()
+    backward_deterministic = not forward_deterministic
+    with on('emulated') as device:
+        expected = run(device, inputs, gy,
+                       cudnn_deterministic=backward_deterministic)
+        variables = [chainer.Variable(device.send(a)) for a in inputs]
+        with chainer.using_config('cudnn_deterministic',
+                                  forward_deterministic):
+            y = deformable.deformable_convolution_2d_sampler(
+                *variables[:4], mask=variables[4], **PARAMS)
+        y.grad = device.send(gy)
+        with chainer.using_config('cudnn_deterministic',
+                                  backward_deterministic):
+            y.backward()
+    for name, v in zip(NAMES, variables):
+        numpy.testing.assert_allclose(v.grad, expected['g' + name],
+                                      rtol=1e-13, atol=1e-13, err_msg=name)
+
+
+def test_chunks_are_whole_blocks():
+    def sizes(*args):
+        return [(s.start, s.stop) for s in gpu.chunks(*args)]
+    with chainer.using_config('deformable_workspace_size', 10):
+        assert sizes(7, 3) == [(0, 3), (3, 6), (6, 7)]
+        # Rounded down to whole blocks; one block at least; all that fit.
+        assert sizes(7, 3, 2) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+        assert sizes(7, 6, 4) == [(0, 4), (4, 7)]
+        assert sizes(7, 1, 4) == [(0, 7)]
+        assert sizes(0, 3, 2) == []
+
+
+@needs_compiler
+def test_deterministic_blocks_are_set_by_the_layer(monkeypatch):
+    from deformable import arguments
+    from deformable import tuning
+    x, offset, W, b, mask = general_case(n=5)[0]
+    hyperparameters = arguments.Hyperparameters.checked(
+        PARAMS['stride'], PARAMS['pad'], PARAMS['dilate'], PARAMS['groups'])
+
+    def block_images(deterministic=True, workspace=2 ** 26):
+        with on('emulated'), using_configs(
+                cudnn_deterministic=deterministic,
+                deformable_workspace_size=workspace):
+            problem = gpu.Problem(hyperparameters, x, offset, W, mask)
+            return problem.block_images, problem.backward_bytes(True)
+    assert block_images(False)[0] is None
+    blocks, per_image = block_images()
+    assert blocks == 5      # the whole (small) batch fits 64 MiB
+    for room, expected in [(1, 1), (2 * per_image - 1, 1),
+                           (2 * per_image, 2), (10 ** 9, 5)]:
+        monkeypatch.setattr(tuning, 'GPU_DETERMINISTIC_BLOCK_BYTES', room)
+        # The same whatever the workspace.
+        assert block_images(workspace=1)[0] == expected
+        assert block_images(workspace=2 ** 40)[0] == expected
 
 
 @pytest.mark.parametrize('size', [0, -5, 1.5, '64', True, None])
@@ -312,17 +395,19 @@ PLANTED_BUGS = {
         'const int k = entry / 4 / P % K / 2;'),
     'last entry of each pixel dropped': (
         'GATHER_CORNERS', 'e < starts[key + 1]', 'e + 1 < starts[key + 1]'),
-    'last image of the weight gradient dropped': (
-        'ORDERED_SUM', 'j < count', 'j + 1 < count'),
-    'columns by image misplaced': (
-        'PREAMBLE', 'p / plane * rows + row', 'p / plane + row'),
+    'blocks transposed': (
+        'PREAMBLE', 'row * size + (p - first)', '(p - first) * rows + row'),
+    'blocks not aligned': (
+        'PREAMBLE', 'return index * stride', 'return index * rows * block'),
 }
 
 
 @needs_compiler
 @pytest.mark.parametrize('bug', sorted(PLANTED_BUGS))
-def test_planted_bugs_are_caught(bug):
-    inputs, gy = general_case(n=2)
+def test_planted_bugs_are_caught(bug, monkeypatch):
+    # Blocks of 2 images: 3 images make a full block and a short one.
+    blocks_of(2, monkeypatch)
+    inputs, gy = general_case()
     with chainer.using_config('cudnn_deterministic', True):
         assert not helpers.gpu_path_disagreements(inputs, gy, 1e-12,
                                                   **PARAMS)
@@ -352,16 +437,21 @@ def deterministic_bits_table(capsys, monkeypatch, *planted):
 
 @needs_compiler
 def test_deterministic_bits_check(capsys, monkeypatch):
+    blocks_of(1, monkeypatch)
     status, rows = deterministic_bits_table(capsys, monkeypatch)
     assert status == 0
     # 2 layers x 2 variants x 2 dtypes x 2 modes x 3 workspaces.
     assert len(rows) == 48
     gradients = ('x', 'offset', 'W', 'b', 'mask')
     for row in rows:
-        if row['mode'] == 'deterministic':
+        deterministic = row['mode'] == 'deterministic'
+        if deterministic:
             assert {row[n] for n in gradients} <= {'same', '-'}, row
-        if row['workspace'] == '1 image a chunk':
-            assert row['backward chunks'] == '2 of 1', row
+        chunks = {'1 byte': '2 of 1', '4 GiB': '1 of 2'}.get(
+            row['workspace'], '1 of 2')
+        if deterministic:
+            chunks += ' (blocks of 1)'
+        assert row['backward chunks'] == chunks, row
     # The default mode's sums follow the chunks: the check sees that.
     assert any(row['W'] != 'same' for row in rows
                if row['mode'] == 'default')
@@ -458,8 +548,9 @@ def test_positions_in_half_would_miss_the_bounds(monkeypatch):
 @pytest.mark.parametrize('path', PATHS)
 def test_deterministic_bits_on_a_large_layer(path, monkeypatch):
     # Products with long sums (4096 samples an image), where BLAS may split
-    # or block them by the chunk's size: the output and the gradients are
-    # the same bits for 1, 2 or 3 images a chunk.
+    # or block them by their shapes: with blocks of an image, the output
+    # and the gradients are the same bits for 1, 2 or 3 images a chunk.
+    blocks_of(1, monkeypatch)
     rng = numpy.random.RandomState(5)
     inputs = helpers.make_general_inputs(
         rng, 3, 32, 32, 64, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1, True,
@@ -467,7 +558,7 @@ def test_deterministic_bits_on_a_large_layer(path, monkeypatch):
     gy = rng.uniform(-1, 1, (3, 32, 64, 64)).astype(numpy.float32)
     results = []
     for images in (3, 1, 2, 3):
-        monkeypatch.setattr(gpu, 'chunks', lambda n, _, images=images: [
+        monkeypatch.setattr(gpu, 'chunks', lambda n, _, __, images=images: [
             slice(i, min(i + images, n)) for i in range(0, n, images)])
         with on(path) as device:
             results.append(run(device, inputs, gy, {'pad': 1},

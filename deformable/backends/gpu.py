@@ -1,8 +1,9 @@
 """The GPU backend: CuPy kernels for the sampling, cuBLAS for the products.
 
 The columns (``layout``) are stored ``(columns, P)``, ``P = n * out_h *
-out_w`` samples in image-major order, and multiplied with the weight
-matrix one convolution group at a time. Each thread of a kernel handles one
+out_w`` samples in image-major order (in the deterministic mode, one such
+matrix per block of images), and multiplied with the weight matrix one
+convolution group at a time. Each thread of a kernel handles one
 (offset group, tap, sample): it finds where the sample falls once and loops
 over the group's channels, and neighbouring threads touch neighbouring
 output pixels. The sampling rules are ``geometry``'s, line for line
@@ -28,10 +29,13 @@ buffers fit in ``chainer.config.deformable_workspace_size`` bytes.
 **Deterministic mode.** Under ``chainer.config.cudnn_deterministic`` the
 backward uses no floating-point atomics: each input pixel gathers its
 corners' contributions in a fixed order (a stable sort of the corners by
-pixel), and the weight gradient sums the images' products in image order.
-The columns are then stored image by image (``by_image``), forward and
-backward, so that every product has the shape of one image whatever the
-chunk: the output and the gradients are the same bits for any workspace.
+pixel). The products are made block by block, forward and backward, and
+the weight gradient adds the blocks' products in order. A block's number
+of images is set by the layer (``tuning.GPU_DETERMINISTIC_BLOCK_BYTES``),
+never by the workspace, and chunks are whole blocks: cuBLAS picks its
+algorithm by a product's shape, and no shape depends on the chunk, so the
+output and the gradients are the same bits for any workspace. (A chunk
+holds one block at least, even where the workspace is smaller.)
 """
 
 import collections
@@ -48,7 +52,12 @@ from deformable import tuning
 from deformable.backends import layout
 
 
-PREAMBLE = r"""
+# Blocks of the columns start this many entries apart (512 bytes at least,
+# as fresh CuPy arrays): a block's products then see the same alignment in
+# any chunk.
+BLOCK_ALIGNMENT = 256
+
+PREAMBLE = '#define BLOCK_ALIGNMENT {}\n'.format(BLOCK_ALIGNMENT) + r"""
 // Lower corner, fraction and "gradient flows" flag along one axis.
 template <typename C>
 __device__ int axis_geometry(C pos, int size, C* frac, bool* inside) {
@@ -81,19 +90,23 @@ __device__ ptrdiff_t column_row(ptrdiff_t ch, int k, int K, int c_group) {
     return (ch / c_group * K + k) * c_group + ch % c_group;
 }
 
-// Where row `row`, sample p is in the columns: (rows, P), or image by
-// image, (images, rows, plane), in the deterministic mode.
+// Where row `row`, sample p is in the columns: blocks of `block` samples
+// (the last one shorter), each (rows, its samples), BLOCK_ALIGNMENT entries
+// aligned. One block, (rows, P), in the default mode; blocks of a number of
+// images fixed by the layer in the deterministic mode (``column_blocks``).
 __device__ ptrdiff_t column_at(ptrdiff_t row, ptrdiff_t p, ptrdiff_t P,
-                               ptrdiff_t rows, ptrdiff_t plane,
-                               bool by_image) {
-    return by_image ? (p / plane * rows + row) * plane + p % plane
-                    : row * P + p;
+                               ptrdiff_t rows, ptrdiff_t block) {
+    const ptrdiff_t index = p / block;
+    const ptrdiff_t first = index * block;
+    const ptrdiff_t size = P - first < block ? P - first : block;
+    const ptrdiff_t stride = (rows * block + BLOCK_ALIGNMENT - 1)
+                             / BLOCK_ALIGNMENT * BLOCK_ALIGNMENT;
+    return index * stride + row * size + (p - first);
 }
 
 // Channel ch's entry of the columns at tap k, sample p.
 #define COLUMN_AT(ch)                                                      \
-    column_at(column_row(ch, k, K, c_in / groups), p, P, c_in * K, plane, \
-              by_image)
+    column_at(column_row(ch, k, K, c_in / groups), p, P, c_in * K, block)
 
 template <typename C, typename T>
 __device__ C pixel(const T* image, int h, int w, int y, int x) {
@@ -148,7 +161,7 @@ GEOMETRY_PARAMS = ('raw C offset, raw C mask, int32 has_mask, int64 P, '
                    'int32 c_in, int32 h, int32 w, int32 out_h, int32 out_w, '
                    'int32 kh, int32 kw, int32 sy, int32 sx, int32 ph, '
                    'int32 pw, int32 dil_y, int32 dil_x, int32 G, '
-                   'int32 groups, int32 by_image')
+                   'int32 groups, int64 block')
 
 
 class KernelSource(collections.namedtuple(
@@ -318,30 +331,8 @@ GATHER_CORNERS = KernelSource(
     """)
 
 
-class PlainKernelSource(KernelSource):
-    """A kernel that finds no samples: its own parameters only."""
-
-    @property
-    def all_in_params(self):
-        return self.in_params
-
-    @property
-    def body(self):
-        return self.operation
-
-
-# The deterministic weight gradient: adds the images' products, (count,
-# per_image), to the total in image order.
-ORDERED_SUM = PlainKernelSource(
-    'deformable_ordered_sum',
-    'raw T products, int64 count, int64 per_image', 'C total', r"""
-    for (ptrdiff_t j = 0; j < count; ++j) {
-        total += (C)products[j * per_image + i];
-    }
-    """)
-
 KERNELS = (SAMPLE_COLUMNS, COLUMN_GRADS, SAMPLE_TAPS, SCATTER_TAPS,
-           CORNER_ENTRIES, GATHER_CORNERS, ORDERED_SUM)
+           CORNER_ENTRIES, GATHER_CORNERS)
 
 
 def _kernel(source):
@@ -362,10 +353,14 @@ def workspace_size():
     return int(size)
 
 
-def chunks(n_images, bytes_per_image):
+def chunks(n_images, bytes_per_image, block_images=None):
     """Slices of the batch, each of as many whole images as fit in the
-    workspace at ``bytes_per_image`` (one at least)."""
-    per_chunk = max(1, workspace_size() // max(1, bytes_per_image))
+    workspace at ``bytes_per_image``: all of them where they fit, else a
+    multiple of ``block_images`` (one block at least)."""
+    block = block_images or 1
+    fit = workspace_size() // max(1, bytes_per_image)
+    per_chunk = max(1, n_images) if fit >= n_images else max(
+        block, fit // block * block)
     return [slice(start, min(start + per_chunk, n_images))
             for start in range(0, n_images, per_chunk)]
 
@@ -378,10 +373,11 @@ def deterministic():
 
 class KernelArgs(object):
     """The sizes and geometry arguments the kernels share, for the images
-    of ``offset`` (and ``mask``)."""
+    of ``offset`` (and ``mask``), and the columns' blocks: ``block_images``
+    images each (the last one fewer), or one block of all."""
 
     def __init__(self, x_shape, offset, mask, ksize, hyperparameters,
-                 by_image=False):
+                 block_images=None):
         n, c, h, w = x_shape
         _, offset_channels, out_h, out_w = offset.shape
         stride, pad, dilate, groups = hyperparameters
@@ -390,13 +386,27 @@ class KernelArgs(object):
         self.n_samples = n * out_h * out_w
         self.n_threads = self.n_groups * n_taps * self.n_samples
         self.n_keys = n * self.n_groups * h * w
-        self.columns_shape = ((n, c * n_taps, out_h * out_w) if by_image
-                              else (c * n_taps, self.n_samples))
+        self.rows = c * n_taps
+        self.block_images = n if block_images is None else block_images
+        block = max(1, self.block_images * out_h * out_w)
         self.args = ((offset, offset if mask is None else mask,
                       int(mask is not None), self.n_samples, c, h, w,
                       out_h, out_w) + tuple(ksize) + tuple(stride)
                      + tuple(pad) + tuple(dilate)
-                     + (self.n_groups, groups, int(by_image)))
+                     + (self.n_groups, groups, block))
+        # Each block's first image, samples and first entry (column_at).
+        stride = -(-self.rows * block // BLOCK_ALIGNMENT) * BLOCK_ALIGNMENT
+        self.blocks = [
+            (first, min(block, self.n_samples - first * out_h * out_w),
+             index * stride)
+            for index, first in enumerate(range(0, n, self.block_images))]
+        self.columns_size = (self.blocks[-1][2] + self.rows
+                             * self.blocks[-1][1] if n else 0)
+
+    def block_views(self, columns):
+        """The ``(rows, samples)`` matrix of each block of ``columns``."""
+        return [columns[at:at + self.rows * size].reshape(self.rows, size)
+                for _, size, at in self.blocks]
 
 
 class Problem(object):
@@ -424,19 +434,36 @@ class Problem(object):
         # The gather's key, weight, sorted key and place of each sample's
         # four corners, an image's.
         self.entry_bytes = 4 * self.n_groups * n_taps * self.plane * 32
+        self.block_images = (self.deterministic_block_images(x.shape[0])
+                             if deterministic() else None)
 
-    def args(self, images, by_image=False):
+    def backward_bytes(self, gather):
+        """Bytes of one image's buffers in the backward: the columns and
+        their gradient, and the gather's entries."""
+        return 2 * self.column_bytes + (self.entry_bytes if gather else 0)
+
+    def deterministic_block_images(self, n):
+        """The deterministic mode's images per block: as many as the
+        backward fits in ``tuning.GPU_DETERMINISTIC_BLOCK_BYTES``, a number
+        fixed by the layer (not the workspace), so that every product has
+        the same shape in any chunk."""
+        return max(1, min(n, tuning.GPU_DETERMINISTIC_BLOCK_BYTES
+                          // self.backward_bytes(True)))
+
+    def chunks(self, bytes_per_image):
+        return chunks(self.x.shape[0], bytes_per_image, self.block_images)
+
+    def args(self, images):
         """Kernel arguments for the images of the slice ``images``."""
         return KernelArgs(
             self.x[images].shape, self.offset[images],
             None if self.mask is None else self.mask[images], self.ksize,
-            self.hyperparameters, by_image)
+            self.hyperparameters, self.block_images)
 
 
 def sample_columns(x, kernel_args):
-    """Bilinear (and modulated) samples: ``(c * K, P)``, or ``(n, c * K,
-    plane)`` by image."""
-    columns = cuda.cupy.empty(kernel_args.columns_shape, dtype=x.dtype)
+    """Bilinear (and modulated) samples: the columns' blocks, flat."""
+    columns = cuda.cupy.empty(kernel_args.columns_size, dtype=x.dtype)
     _kernel(SAMPLE_COLUMNS)(x, *kernel_args.args, columns,
                             size=kernel_args.n_threads)
     return columns
@@ -477,11 +504,15 @@ def gather_corners(values, grad_x, kernel_args, order=(0, 0),
                             size=grad_x.size)
 
 
-def _grouped_matmul(a, b):
+def _grouped_matmul(a, b, out=None):
     """``a @ b`` for stacks ``(groups, ., .)`` of matrices."""
     if len(a) == 1:
-        return a[0].dot(b[0])[None]
-    return cuda.cupy.matmul(a, b)
+        return a[0].dot(b[0], None if out is None else out[0])[None]
+    return cuda.cupy.matmul(a, b, out=out)
+
+
+# The forward's columns, kept for the backward, and their blocks' images.
+Kept = collections.namedtuple('Kept', 'columns block_images')
 
 
 class GpuBackend(object):
@@ -497,45 +528,26 @@ class GpuBackend(object):
         n = x.shape[0]
         y = cuda.cupy.empty((n, groups * out_group) + offset.shape[2:],
                             x.dtype)
-        # Kept where the backward takes the whole batch in one chunk; the
-        # deterministic backward makes its own, image by image.
-        by_image = deterministic()
-        keep = not by_image and n * self._chunk_bytes(
-            problem, frozenset(), tuning.GPU_GATHER_GRAD_X) <= \
-            workspace_size()
+        gather = deterministic() or tuning.GPU_GATHER_GRAD_X
+        keep = n * problem.backward_bytes(gather) <= workspace_size()
         kept = None
-        for images in chunks(n, problem.column_bytes):
-            kernel_args = problem.args(images, by_image)
+        for images in problem.chunks(problem.column_bytes):
+            kernel_args = problem.args(images)
             columns = sample_columns(problem.x[images], kernel_args)
-            if by_image:
-                # Each image's product has one shape whatever the chunk.
-                y[images] = cuda.cupy.matmul(
-                    problem.weight.transpose(0, 2, 1), columns.reshape(
-                        -1, groups, width, problem.plane)).reshape(
-                            y[images].shape)
-                continue
-            y_chunk = _grouped_matmul(
-                problem.weight.transpose(0, 2, 1),
-                columns.reshape(groups, width, kernel_args.n_samples))
-            y[images] = y_chunk.reshape(
-                (groups * out_group, -1) + offset.shape[2:]).transpose(
-                    1, 0, 2, 3)
+            for (first, size, _), matrix in zip(
+                    kernel_args.blocks, kernel_args.block_views(columns)):
+                y_block = _grouped_matmul(
+                    problem.weight.transpose(0, 2, 1),
+                    matrix.reshape(groups, width, size))
+                start = images.start + first
+                y[start:start + size // problem.plane] = y_block.reshape(
+                    (groups * out_group, -1) + offset.shape[2:]).transpose(
+                        1, 0, 2, 3)
             if keep:
-                kept = columns
+                kept = Kept(columns, problem.block_images)
         if b is not None:
             y += b.astype(x.dtype, copy=False)[:, None, None]
         return y, kept
-
-    def _chunk_bytes(self, problem, needed, gather):
-        """Bytes of one image's buffers in the backward: the columns and
-        their gradient, the gather's entries and the deterministic mode's
-        products."""
-        size = 2 * problem.column_bytes
-        if gather:
-            size += problem.entry_bytes
-        if deterministic() and 'W' in needed:
-            size += problem.weight.size * problem.x.dtype.itemsize
-        return size
 
     def backward(self, hyperparameters, x, offset, W, gy, mask, kept,
                  needed):
@@ -543,15 +555,13 @@ class GpuBackend(object):
         columns, or None."""
         cupy = cuda.cupy
         problem = Problem(hyperparameters, x, offset, W, mask)
-        by_image = deterministic()
         groups, width, out_group = problem.weight.shape
         n = x.shape[0]
-        plane = problem.plane
         compute = problem.compute_dtype
         grads = {}
         if 'W' in needed:
             grads['W'] = cupy.zeros(problem.weight.shape, compute)
-        gather = by_image or tuning.GPU_GATHER_GRAD_X
+        gather = deterministic() or tuning.GPU_GATHER_GRAD_X
         if 'x' in needed:
             grads['x'] = cupy.zeros(x.shape, compute)
             if not gather:
@@ -560,37 +570,37 @@ class GpuBackend(object):
             grads['offset'] = cupy.empty(offset.shape, compute)
             grads['mask'] = (cupy.empty(mask.shape, compute)
                              if mask is not None else None)
-        for images in chunks(n, self._chunk_bytes(problem, needed, gather)):
-            kernel_args = problem.args(images, by_image)
-            count = images.stop - images.start
-            if by_image:
-                # Each image's products have one shape whatever the chunk.
-                gy_chunk = cupy.ascontiguousarray(
-                    gy[images], dtype=x.dtype).reshape(
-                        count, groups, out_group, plane)
-            else:
-                # (groups, out_group, P), samples in the columns' order.
-                gy_chunk = gy[images].astype(x.dtype, copy=False).transpose(
-                    1, 0, 2, 3).reshape(groups, out_group, count * plane)
+        for images in problem.chunks(problem.backward_bytes(gather)):
+            kernel_args = problem.args(images)
             if 'W' in needed:
-                columns = kept if (kept is not None and not by_image
-                                   and images == slice(0, n)) else \
+                # The forward's, where they are the whole batch's in this
+                # mode's blocks.
+                columns = kept.columns if (
+                    kept is not None and images == slice(0, n)
+                    and kept.block_images == problem.block_images) else \
                     sample_columns(problem.x[images], kernel_args)
-                if by_image:
-                    products = cupy.matmul(
-                        columns.reshape(count, groups, width, plane),
-                        gy_chunk.transpose(0, 1, 3, 2))
-                    _kernel(ORDERED_SUM)(products, count, products[0].size,
-                                         grads['W'])
-                else:
+                column_blocks = kernel_args.block_views(columns)
+            grad_columns = None
+            if needed & {'x', 'offset', 'mask'}:
+                grad_columns = cupy.empty(kernel_args.columns_size, x.dtype)
+                grad_blocks = kernel_args.block_views(grad_columns)
+            # Block by block, in order: the deterministic mode's sums.
+            for index, (first, size, _) in enumerate(kernel_args.blocks):
+                start = images.start + first
+                # (groups, out_group, samples), in the columns' order.
+                gy_block = gy[start:start + size // problem.plane].astype(
+                    x.dtype, copy=False).transpose(1, 0, 2, 3).reshape(
+                        groups, out_group, size)
+                if 'W' in needed:
                     grads['W'] += _grouped_matmul(
-                        columns.reshape(groups, width, count * plane),
-                        gy_chunk.transpose(0, 2, 1))
-            if not needed & {'x', 'offset', 'mask'}:
+                        column_blocks[index].reshape(groups, width, size),
+                        gy_block.transpose(0, 2, 1))
+                if grad_columns is not None:
+                    _grouped_matmul(problem.weight, gy_block,
+                                    out=grad_blocks[index].reshape(
+                                        groups, width, size))
+            if grad_columns is None:
                 continue
-            grad_columns = (cupy.matmul(problem.weight, gy_chunk)
-                            if by_image else
-                            _grouped_matmul(problem.weight, gy_chunk))
             grad_x = grads['x'][images] if 'x' in needed else None
             if gather and grad_x is not None:
                 gather_corners(grad_columns, grad_x, kernel_args)
