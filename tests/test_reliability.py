@@ -181,11 +181,24 @@ def test_empty_batch(cpu_loops):
 
 @pytest.mark.skipif(not kernel_emulation.compiler_available(),
                     reason='needs a C++ compiler')
-def test_empty_batch_on_the_gpu_path():
+@pytest.mark.parametrize('deterministic', [False, True])
+def test_empty_batch_on_the_gpu_path(deterministic):
     inputs, gy = empty_batch()
-    with kernel_emulation.gpu_path_on_cpu():
+    with kernel_emulation.gpu_path_on_cpu(), chainer.using_config(
+            'cudnn_deterministic', deterministic):
         results = forward_backward(inputs, gy)
-    check_empty_batch_results(results, inputs)
+        check_empty_batch_results(results, inputs)
+        # Differentiated twice too: the second order's own kernels.
+        variables = [chainer.Variable(a.copy()) for a in inputs]
+        x, offset, W, b, mask = variables
+        y = deformable.deformable_convolution_2d_sampler(
+            x, offset, W, b, mask=mask, **GENERAL)
+        grads = chainer.grad([chainer.functions.sum(y * y)], [x, offset],
+                             enable_double_backprop=True)
+        F = chainer.functions
+        (F.sum(grads[0] * grads[0]) + F.sum(grads[1] * grads[1])).backward()
+    for v in variables:
+        assert v.grad.shape == v.shape and not v.grad.any()
 
 
 @pytest.mark.parametrize('modulated', [False, True])

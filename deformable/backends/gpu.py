@@ -387,21 +387,22 @@ class KernelArgs(object):
         self.n_threads = self.n_groups * n_taps * self.n_samples
         self.n_keys = n * self.n_groups * h * w
         self.rows = c * n_taps
-        self.block_images = n if block_images is None else block_images
-        block = max(1, self.block_images * out_h * out_w)
+        block_images = block_images or max(1, n)
+        block = block_images * out_h * out_w
         self.args = ((offset, offset if mask is None else mask,
                       int(mask is not None), self.n_samples, c, h, w,
                       out_h, out_w) + tuple(ksize) + tuple(stride)
                      + tuple(pad) + tuple(dilate)
                      + (self.n_groups, groups, block))
         # Each block's first image, samples and first entry (column_at).
-        stride = -(-self.rows * block // BLOCK_ALIGNMENT) * BLOCK_ALIGNMENT
+        block_stride = (-(-self.rows * block // BLOCK_ALIGNMENT)
+                        * BLOCK_ALIGNMENT)
         self.blocks = [
             (first, min(block, self.n_samples - first * out_h * out_w),
-             index * stride)
-            for index, first in enumerate(range(0, n, self.block_images))]
+             index * block_stride)
+            for index, first in enumerate(range(0, n, block_images))]
         self.columns_size = (self.blocks[-1][2] + self.rows
-                             * self.blocks[-1][1] if n else 0)
+                             * self.blocks[-1][1] if self.blocks else 0)
 
     def block_views(self, columns):
         """The ``(rows, samples)`` matrix of each block of ``columns``."""
