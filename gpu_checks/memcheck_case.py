@@ -2,7 +2,8 @@
 """Forward and backward on the GPU with offsets far outside the image.
 
 DCNv1 cases and general ones (dilation, groups, offset groups, a mask),
-each in three modes: the default, the deterministic backward and a
+each in five modes: the default, the deterministic backward (in its own
+blocks, in blocks of one image in one chunk, and one block a chunk) and a
 workspace of one image per chunk.
 
 Run under ``compute-sanitizer --tool memcheck``: offsets of +-1e30, +-inf,
@@ -54,6 +55,7 @@ def main():
     import chainer
     import chainer.functions as F
     import deformable
+    from deformable import tuning
     from deformable.backends import gpu
 
     cupy.cuda.set_allocator(None)
@@ -62,6 +64,7 @@ def main():
         assert gpu.PREAMBLE.count(check) == 1
         gpu.PREAMBLE = gpu.PREAMBLE.replace(check, 'true ?')
 
+    default_blocks = tuning.GPU_DETERMINISTIC_BLOCK_BYTES
     rng = numpy.random.RandomState(0)
     # (x shape, W shape, stride, pad, dilate, groups, offset groups, mask)
     cases = [((2, 3, 9, 8), (4, 3, 3, 3), 1, 1, 1, 1, 1, False),
@@ -70,10 +73,15 @@ def main():
              ((2, 8, 9, 7), (4, 4, 3, 3), 1, 2, 2, 2, 4, True),
              ((2, 4, 6, 10), (6, 2, 2, 3), (1, 2), (1, 3), (2, 3), 2, 2,
               True)]
-    modes = [{}, {'cudnn_deterministic': True},
-             {'deformable_workspace_size': 1}]
-    for mode, dtype in itertools.product(
+    # (Chainer's configuration, the deterministic mode's block bytes): 1
+    # makes blocks of one image, several in a chunk or one.
+    deterministic = {'cudnn_deterministic': True}
+    modes = [({}, None), (deterministic, None), (deterministic, 1),
+             (dict(deterministic, deformable_workspace_size=1), 1),
+             ({'deformable_workspace_size': 1}, None)]
+    for (mode, block_bytes), dtype in itertools.product(
             modes, (numpy.float32, numpy.float64, numpy.float16)):
+        tuning.GPU_DETERMINISTIC_BLOCK_BYTES = block_bytes or default_blocks
         for (x_shape, w_shape, stride, pad, dilate, groups, offset_groups,
              with_mask) in cases:
             n, c, h, w = x_shape

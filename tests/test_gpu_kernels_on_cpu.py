@@ -301,7 +301,8 @@ class Test64BitIndices(unittest.TestCase):
     def test_index_types_in_source(self):
         # Every flat index that is a product of sizes is ptrdiff_t.
         text = gpu.PREAMBLE + ''.join(k.operation for k in gpu.KERNELS)
-        names = 'p|ch|n|off|plane|n_group|mask_at|first_channel'
+        names = ('p|ch|n|off|plane|n_group|mask_at|first_channel|first|'
+                 'stride')
         declared = dict((name, kind) for kind, name in re.findall(
             r'\b(int|ptrdiff_t)\s+(' + names + r')\b\s*=', text))
         assert set(declared) == set(names.split('|'))
@@ -321,3 +322,37 @@ def test_kernels_compile_for_gpus(arch, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         universal_newlines=True)
     assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.skipif(not kernel_emulation.compiler_available(),
+                    reason='needs a C++ compiler')
+def test_memcheck_case_runs(monkeypatch, capsys):
+    # gpu_checks/memcheck_case.py, which compute-sanitizer runs on a GPU,
+    # end to end on the emulated path: every case, dtype and mode.
+    import sys
+    import types
+    from deformable import tuning
+    fake_cupy = types.SimpleNamespace(
+        asarray=numpy.asarray, asnumpy=numpy.asarray,
+        cuda=types.SimpleNamespace(
+            set_allocator=lambda allocator: None,
+            Device=lambda: types.SimpleNamespace(synchronize=lambda: None)))
+    monkeypatch.setitem(sys.modules, 'cupy', fake_cupy)
+    monkeypatch.setattr(sys, 'argv', ['memcheck_case.py'])
+    monkeypatch.setattr(tuning, 'GPU_DETERMINISTIC_BLOCK_BYTES',
+                        tuning.GPU_DETERMINISTIC_BLOCK_BYTES)
+    monkeypatch.syspath_prepend(os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), '..', 'gpu_checks'))
+    import memcheck_case
+    blocks = []
+    chunks = gpu.chunks
+
+    def recording(n_images, bytes_per_image, block_images=None):
+        blocks.append(block_images)
+        return chunks(n_images, bytes_per_image, block_images)
+    monkeypatch.setattr(gpu, 'chunks', recording)
+    with kernel_emulation.gpu_path_on_cpu():
+        memcheck_case.main()
+    assert '5 cases x 3 dtypes x 5 modes' in capsys.readouterr().out
+    # The deterministic mode in blocks of one image and of whole batches.
+    assert {None, 1, 2, 3} <= set(blocks)
