@@ -58,6 +58,6 @@ GPU_GATHER_GRAD_X = False
 # The GPU's deterministic mode makes its products in blocks of as many
 # images as its backward's buffers fit in these bytes: a number set by the
 # layer, never by the workspace, so that the products have the same shapes
-# (and sums) in any chunk. 64 MiB, the default workspace, gives the default
-# mode's chunks; to be measured on a GPU.
+# (and sums) in any chunk. 64 MiB, the default workspace: blocks about the
+# size of the default mode's chunks; to be measured on a GPU.
 GPU_DETERMINISTIC_BLOCK_BYTES = 64 * 2 ** 20
