@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One device session's run, prepared for the `run` tool (15 minutes of GPU
-# time in all, at most 8 files back from $OUT): gpu_checks/run.sh, then
-# gpu_checks/chainermn.sh if fewer than CHAINERMN_BEFORE seconds (default
-# 360) have passed, cut off SESSION_LIMIT seconds (default 570) after the
-# start; everything packed into $OUT/gpu-results.tar.gz, after each part,
-# with run.sh's log beside it. From the project root, with .devkit/ carried:
+# time in all, at most 8 files back from $OUT): gpu_checks/run.sh, cut off
+# after RUN_LIMIT seconds (default 540), then gpu_checks/chainermn.sh if
+# fewer than CHAINERMN_BEFORE seconds (default 360) have passed, cut off
+# SESSION_LIMIT seconds (default 570) after the start; everything packed
+# into $OUT/gpu-results.tar.gz, after each part, with run.sh's log beside
+# it. From the project root, with .devkit/ carried:
 #   run(command="bash gpu_checks/session.sh", carry=[".devkit"], timeout_s=600)
 # Unpack the tarball into results/gpu/ here (the chainermn/ part beside it).
 set -uo pipefail
@@ -19,7 +20,13 @@ pack() {
       --exclude='*.npz' --exclude='snapshot_*' --exclude='model_*' .
   cp "$WORK/gpu/gpu-checks.log" "$DEST/"
 }
-OUT="$WORK/gpu" bash gpu_checks/run.sh 2>&1 | tee "$WORK/gpu/gpu-checks.log"
+# Cut off (with every process it started) in time to pack what it wrote.
+OUT="$WORK/gpu" timeout "${RUN_LIMIT:-540}" bash gpu_checks/run.sh 2>&1 \
+    | tee "$WORK/gpu/gpu-checks.log"
+if (( PIPESTATUS[0] == 124 )); then
+  echo "run.sh cut off after ${RUN_LIMIT:-540} s" \
+      | tee -a "$WORK/gpu/gpu-checks.log"
+fi
 pack   # already there if the ChainerMN part runs past the call's limit
 LEFT=$(( ${SESSION_LIMIT:-570} - (SECONDS - START) ))
 if (( SECONDS - START < ${CHAINERMN_BEFORE:-360} )); then
