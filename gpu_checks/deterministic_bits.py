@@ -28,7 +28,6 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import bench_gpu_layers  # NOQA
-import bench_sampler  # NOQA
 from deformable.backends import gpu  # NOQA
 
 # (label, workspace bytes or None for the default)
@@ -45,9 +44,8 @@ def difference(array, reference):
     if array.dtype == reference.dtype and bool(xp.all(
             (array == reference) | (xp.isnan(array) & xp.isnan(reference)))):
         return 'same'
-    array, reference = (a.astype(numpy.float64) for a in (array, reference))
-    scale = float(xp.abs(reference).max()) or 1.0
-    return '{:.1e}'.format(float(xp.abs(array - reference).max()) / scale)
+    return bench_gpu_layers.format_error(
+        bench_gpu_layers.relative_error(array, reference))
 
 
 class ChunkRecorder(object):
@@ -101,31 +99,34 @@ def main(argv=None):
     parser.add_argument('--smoke', action='store_true',
                         help="bench_gpu_layers.py's tiny shapes")
     args = parser.parse_args(argv)
-    if args.gpu >= 0:
-        xp, synchronize, name = bench_sampler.open_gpu(args.gpu)
-    else:
-        xp, synchronize, name = numpy, (lambda: None), 'CPU'
+    try:
+        device = bench_gpu_layers.Device(args.gpu, None)
+    except Exception as e:  # ImportError, CUDARuntimeError
+        parser.error('--gpu {} needs CuPy and a CUDA GPU: {}'.format(
+            args.gpu, e))
     recorder = ChunkRecorder()
     gpu.chunks = recorder
     print('# deterministic_bits{}: {}; default workspace {} bytes'.format(
-        ' --smoke' if args.smoke else '', name,
+        ' --smoke' if args.smoke else '', device.name,
         chainer.config.deformable_workspace_size))
-    print('\n| layer | dtype | mode | workspace | backward chunks | '
-          + ' | '.join(NAMES) + ' |')
-    print('|' + '---|' * (5 + len(NAMES)))
+    table = bench_gpu_layers.Table(
+        '## Each result against the first run, bit for bit',
+        ['layer', 'dtype', 'mode', 'workspace', 'backward chunks']
+        + list(NAMES))
     differing = []
     try:
         for config in bench_gpu_layers.make_configs(args.layers, args.smoke):
             if (config.mask, config.n_groups) not in VARIANTS:
                 continue
             arrays, params, gy = bench_gpu_layers.make_inputs(
-                config, numpy.float32, xp)
+                config, numpy.float32, device.xp)
             for dtype in args.dtypes:
                 inputs = bench_gpu_layers.cast_inputs(arrays, params, gy,
                                                       dtype)
                 for deterministic in (True, False):
                     step = bench_gpu_layers.OursStep(
-                        inputs[0], inputs[1], synchronize, deterministic)
+                        inputs[0], inputs[1], device.synchronize,
+                        deterministic)
                     first = results(step, inputs[2], None)
                     for label, workspace in WORKSPACES:
                         other = results(step, inputs[2], workspace)
@@ -133,10 +134,9 @@ def main(argv=None):
                                  if n in first else '-' for n in NAMES]
                         mode = 'deterministic' if deterministic else \
                             'default'
-                        print('| {} | {} | {} | {} | {} | {} |'.format(
-                            bench_gpu_layers.config_label(config), dtype,
-                            mode, label, recorder.describe(),
-                            ' | '.join(cells)))
+                        table.row(bench_gpu_layers.config_label(config),
+                                  dtype, mode, label, recorder.describe(),
+                                  *cells)
                         if deterministic and any(
                                 cell not in ('same', '-')
                                 for cell in cells[1:]):

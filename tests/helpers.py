@@ -365,3 +365,21 @@ def gpu_path_disagreements(inputs, gy, rtol, **params):
     with kernel_emulation.gpu_path_on_cpu():
         actual = run_op(inputs, gy, **params)
     return disagreements(actual, expected, rtol)
+
+
+def parse_tables(text):
+    """``{title: [row as {column: cell}]}`` of each Markdown table under a
+    ``## title`` line."""
+    tables, title, header = {}, None, None
+    for line in text.splitlines():
+        if line.startswith('## '):
+            title, header = line[3:], None
+            tables[title] = []
+        elif line.startswith('|'):
+            cells = [c.strip() for c in line.strip().strip('|').split('|')]
+            if header is None:
+                header = cells
+            elif not set(line.strip()) <= set('|-'):
+                assert len(cells) == len(header), line
+                tables[title].append(dict(zip(header, cells)))
+    return tables

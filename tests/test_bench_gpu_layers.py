@@ -12,6 +12,8 @@ import time
 import numpy
 import pytest
 
+import helpers
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import bench_gpu_layers  # NOQA
@@ -19,24 +21,6 @@ import bench_sampler  # NOQA
 
 # PyTorch on the CPU, where installed, fills the reference columns too.
 HAVE_TORCHVISION = importlib.util.find_spec('torchvision') is not None
-
-
-def parse_tables(text):
-    """``{title: [row as {column: cell}]}`` of each Markdown table under a
-    ``## title`` line."""
-    tables, title, header = {}, None, None
-    for line in text.splitlines():
-        if line.startswith('## '):
-            title, header = line[3:], None
-            tables[title] = []
-        elif line.startswith('|'):
-            cells = [c.strip() for c in line.strip().strip('|').split('|')]
-            if header is None:
-                header = cells
-            elif not set(line.strip()) <= set('|-'):
-                assert len(cells) == len(header), line
-                tables[title].append(dict(zip(header, cells)))
-    return tables
 
 
 def table(tables, prefix):
@@ -69,7 +53,7 @@ def smoke():
         universal_newlines=True, timeout=300)
     assert result.returncode == 0, result.stdout
     print('smoke run: {:.1f} s'.format(time.perf_counter() - start))
-    return result.stdout, parse_tables(result.stdout)
+    return result.stdout, helpers.parse_tables(result.stdout)
 
 
 CONFIGS = [bench_gpu_layers.config_label(c)
@@ -156,7 +140,7 @@ def test_options_subset_and_workspace(capsys):
                                '--workspace', '12345'])
     output = capsys.readouterr().out
     assert 'workspace 12345 bytes (--workspace)' in output
-    tables = parse_tables(output)
+    tables = helpers.parse_tables(output)
     assert not [t for t in tables if t.startswith('float16 accuracy')]
     rows = table(tables, 'Speed')
     assert {(r['config'].split(',')[0], r['dtype']) for r in rows} == {

@@ -418,7 +418,7 @@ def test_planted_bugs_are_caught(bug, monkeypatch):
 
 def deterministic_bits_table(capsys, monkeypatch, *planted):
     """gpu_checks/deterministic_bits.py --smoke through the emulation: its
-    exit status and its rows, each a dict by column."""
+    exit status and its table's rows, each a dict by column."""
     monkeypatch.syspath_prepend(os.path.join(
         os.path.dirname(os.path.abspath(__file__)), '..', 'gpu_checks'))
     import deterministic_bits
@@ -427,12 +427,8 @@ def deterministic_bits_table(capsys, monkeypatch, *planted):
             s.enter_context(mock.patch.object(target, name, value))
         status = deterministic_bits.main(
             ['--smoke', '--gpu', '-1', '--layers', 'cls-c5', 'det-c3'])
-    lines = [line for line in capsys.readouterr().out.splitlines()
-             if line.startswith('| ')]
-    header = [c.strip() for c in lines[0].strip('|').split('|')]
-    return status, [dict(zip(header, (c.strip() for c in
-                                      line.strip('|').split('|'))))
-                    for line in lines[1:]]
+    tables = helpers.parse_tables(capsys.readouterr().out)
+    return status, tables['Each result against the first run, bit for bit']
 
 
 @needs_compiler
