@@ -113,13 +113,15 @@ def stages(xp, layer, dtype, rng):
     ]
     # The deterministic mode's products: block by block (of images set by
     # the layer), the weight's gradient added in order.
-    plane = h * w
     block_images = problem.deterministic_block_images(n)
-    spans = [slice(first * plane, min(first + block_images, n) * plane)
-             for first in range(0, n, block_images)]
-    column_blocks = [xp.ascontiguousarray(columns[:, s]) for s in spans]
-    gy_blocks = [xp.ascontiguousarray(gy_matrix[0][:, s]) for s in spans]
-    grad_blocks = [xp.empty_like(b) for b in column_blocks]
+    blocks = gpu.KernelArgs(x.shape, problem.offset, problem.mask, (3, 3),
+                            hyperparameters, block_images)
+    blocked_columns = gpu.sample_columns(problem.x, blocks)
+    column_blocks = blocks.block_views(blocked_columns)
+    grad_blocks = blocks.block_views(xp.empty_like(blocked_columns))
+    gy_blocks = [xp.ascontiguousarray(
+        gy_matrix[0][:, first * h * w:first * h * w + size])
+        for first, size, _ in blocks.blocks]
     grad_weight = xp.zeros(weight[0].shape, compute)
 
     def weight_products():
@@ -136,7 +138,7 @@ def stages(xp, layer, dtype, rng):
               nbytes(weight, columns, gy), flops),
         Stage('deterministic: weight products by block, added in order',
               weight_products,
-              nbytes(columns, gy) + 3 * len(spans) * grad_weight.nbytes,
+              nbytes(columns, gy) + 3 * len(gy_blocks) * grad_weight.nbytes,
               flops),
         Stage('deterministic: column gradient products by block',
               column_gradient_products,
