@@ -435,6 +435,8 @@ class Problem(object):
         # The gather's key, weight, sorted key and place of each sample's
         # four corners, an image's.
         self.entry_bytes = 4 * self.n_groups * n_taps * self.plane * 32
+        # gx gathered (no atomics) or scattered; the products' blocks.
+        self.gather = deterministic() or tuning.GPU_GATHER_GRAD_X
         self.block_images = (self.deterministic_block_images(x.shape[0])
                              if deterministic() else None)
 
@@ -529,8 +531,7 @@ class GpuBackend(object):
         n = x.shape[0]
         y = cuda.cupy.empty((n, groups * out_group) + offset.shape[2:],
                             x.dtype)
-        gather = deterministic() or tuning.GPU_GATHER_GRAD_X
-        keep = n * problem.backward_bytes(gather) <= workspace_size()
+        keep = n * problem.backward_bytes(problem.gather) <= workspace_size()
         kept = None
         for images in problem.chunks(problem.column_bytes):
             kernel_args = problem.args(images)
@@ -562,16 +563,15 @@ class GpuBackend(object):
         grads = {}
         if 'W' in needed:
             grads['W'] = cupy.zeros(problem.weight.shape, compute)
-        gather = deterministic() or tuning.GPU_GATHER_GRAD_X
         if 'x' in needed:
             grads['x'] = cupy.zeros(x.shape, compute)
-            if not gather:
+            if not problem.gather:
                 utils.nondeterministic('atomicAdd')
         if needed & {'offset', 'mask'}:
             grads['offset'] = cupy.empty(offset.shape, compute)
             grads['mask'] = (cupy.empty(mask.shape, compute)
                              if mask is not None else None)
-        for images in problem.chunks(problem.backward_bytes(gather)):
+        for images in problem.chunks(problem.backward_bytes(problem.gather)):
             kernel_args = problem.args(images)
             if 'W' in needed:
                 # The forward's, where they are the whole batch's in this
@@ -603,7 +603,7 @@ class GpuBackend(object):
             if grad_columns is None:
                 continue
             grad_x = grads['x'][images] if 'x' in needed else None
-            if gather and grad_x is not None:
+            if problem.gather and grad_x is not None:
                 gather_corners(grad_columns, grad_x, kernel_args)
                 grad_x = None
             grad_offset = grad_mask = None
