@@ -76,13 +76,13 @@ Call = collections.namedtuple('Call', 'args size note')
 
 # The problem the arguments describe: n images of c channels, h x w, a
 # kh x kw kernel, G offset groups, `groups` convolution groups, a mask.
-SMALL = dict(n=2, c=4, h=5, w=6, kh=3, kw=3, G=2, groups=2, out_group=3)
+SMALL = dict(n=2, c=4, h=5, w=6, kh=3, kw=3, G=2, groups=2)
 # Enough images that x, the offsets and the columns pass 2**31 bytes and
 # the loop 2**31 threads: CuPy then indexes them with 64 bits.
 LARGE = dict(SMALL, n=1 << 24)
 
 
-def call_sites(gpu, T, C, make, n, c, h, w, kh, kw, G, groups, out_group):
+def call_sites(gpu, T, C, make, n, c, h, w, kh, kw, G, groups):
     """The arguments ``gpu.py`` passes each kernel, by kernel name: arrays
     from ``make(shape, dtype)``, ``T`` where ``gpu.py`` has the storage
     type, ``C`` where it has the compute type."""
@@ -239,31 +239,18 @@ def arg_infos(cupy, kernel, args, size):
         tuple(dtype(a) if isinstance(a, cupy.ndarray) else None
               for a in in_args),
         tuple(dtype(a) for a in out_args))
-    non_raw = [i for i, (p, a) in enumerate(zip(kernel.params, args))
-               if not p.raw and isinstance(a, cupy.ndarray)]
-    if size is not None:
-        if non_raw:
-            raise ValueError('size with non-raw arrays')
-        shape = (size,)
-    else:
-        shapes = set(args[i].shape for i in non_raw)
-        if len(shapes) != 1:
-            raise NotImplementedError('broadcasting')
-        shape, = shapes
-    ndims = [a.ndim if isinstance(a, cupy.ndarray) else 0 for a in args]
-    # _reduce_dims: contiguous non-raw arrays become one dimension.
-    if kernel.reduce_dims and len(shape) > 1:
-        if not all(args[i]._c_contiguous for i in non_raw):
-            raise NotImplementedError('non-contiguous non-raw arrays')
-        shape = (int(numpy.prod(shape, dtype=object)),)
-        for i in non_raw:
-            ndims[i] = 1
+    # gpu.py gives every kernel a size and raw arrays only: CuPy's loop is
+    # then one dimension of `size`, each array passed as it is.
+    if size is None or any(not p.raw and isinstance(a, cupy.ndarray)
+                           for p, a in zip(kernel.params, args)):
+        raise NotImplementedError('a call without size or with non-raw '
+                                  'arrays')
     infos = []
-    for a, t, ndim in zip(args, in_types + out_types, ndims):
+    for a, t in zip(args, in_types + out_types):
         if isinstance(a, cupy.ndarray):
             infos.append(_kernel._ArgInfo(
-                ARG_KIND_NDARRAY, type(a), dtype(a), ndim, a._c_contiguous,
-                a._index_32_bits))
+                ARG_KIND_NDARRAY, type(a), dtype(a), a.ndim,
+                a._c_contiguous, a._index_32_bits))
         else:
             if new:
                 scalar = _scalar.CScalar(a)
@@ -274,10 +261,8 @@ def arg_infos(cupy, kernel, args, size):
             infos.append(_kernel._ArgInfo(
                 ARG_KIND_SCALAR, _scalar.CScalar, scalar_type, 0, True,
                 True))
-    loop = int(numpy.prod(shape, dtype=object))
     infos.append(_kernel._ArgInfo(
-        ARG_KIND_INDEXER, _carray.Indexer, None, len(shape), True,
-        loop <= 1 << 31))
+        ARG_KIND_INDEXER, _carray.Indexer, None, 1, True, size <= 1 << 31))
     return type_map, tuple(infos)
 
 
@@ -450,9 +435,8 @@ def compile_and_check(cupy, gpu, kernel_module, kernel, name, T, C, call,
             'loaded (same source as an earlier pair)'
     real = call_sites(gpu, T, C, lambda shape, dtype: cupy.zeros(
         shape, dtype), **sizes)[name]
-    kwargs = {} if real.size is None else {'size': real.size}
     recorder.reset()
-    kernel(*real.args, **kwargs)
+    kernel(*real.args, size=real.size)
     cupy.cuda.get_current_stream().synchronize()
     ours = kernel_module._get_elementwise_kernel_code(
         infos, type_map, kernel.params, kernel.operation, kernel.name,
